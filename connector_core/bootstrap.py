@@ -1,0 +1,101 @@
+"""Composition root: builds every adapter once per worker process from settings.
+
+Functions call ``get_container()`` on each invocation; the first call builds it. Tests build the
+same container with fakes (``Container.in_memory``) or real local services and install it with
+``set_container``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from connector_core.domain.models import utcnow
+from connector_core.ports import EntityStore, MessageQueue
+from connector_core.repositories import (
+    ConfigRepository,
+    MappingRepository,
+    NonceRepository,
+    VisitRepository,
+)
+from connector_core.settings import Settings
+
+__all__ = ["Container", "get_container", "reset_container", "set_container"]
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Container:
+    settings: Settings
+    store: EntityStore
+    queue: MessageQueue
+    health_store: EntityStore
+    clock: Callable[[], datetime] = utcnow
+    configs: ConfigRepository = field(init=False)
+    mappings: MappingRepository = field(init=False)
+    visits: VisitRepository = field(init=False)
+    nonces: NonceRepository = field(init=False)
+
+    def __post_init__(self) -> None:
+        region = self.settings.region
+        self.configs = ConfigRepository(self.store, region=region)
+        self.mappings = MappingRepository(self.store, region=region)
+        self.visits = VisitRepository(self.store, region=region)
+        self.nonces = NonceRepository(self.store, region=region)
+
+    @property
+    def version(self) -> str:
+        return VERSION
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Container:
+        from connector_core.adapters.azure_storage import (
+            AzureMessageQueue,
+            AzureTableStore,
+            RetryOptions,
+        )
+
+        return cls(
+            settings=settings,
+            store=AzureTableStore(settings.storage),
+            queue=AzureMessageQueue(settings.storage),
+            # Health answers fast: no retries, short timeouts.
+            health_store=AzureTableStore(
+                settings.storage,
+                retry=RetryOptions(retry_total=0, connection_timeout=2, read_timeout=2),
+            ),
+        )
+
+    @classmethod
+    def in_memory(cls, settings: Settings) -> Container:
+        from connector_core.adapters.memory import InMemoryEntityStore, InMemoryMessageQueue
+
+        store = InMemoryEntityStore()
+        return cls(settings=settings, store=store, queue=InMemoryMessageQueue(), health_store=store)
+
+
+_container: Container | None = None
+_lock = threading.Lock()
+
+
+def get_container(environ: Mapping[str, str] | None = None) -> Container:
+    """The process-wide container, built on first use (raises ``SettingsError`` if invalid)."""
+    global _container
+    if _container is None:
+        with _lock:
+            if _container is None:
+                _container = Container.from_settings(Settings.from_environ(environ))
+    return _container
+
+
+def set_container(container: Container | None) -> None:
+    global _container
+    with _lock:
+        _container = container
+
+
+def reset_container() -> None:
+    set_container(None)

@@ -1,0 +1,308 @@
+"""Repositories: typed records over the ``EntityStore`` port, one table per kind and region.
+
+Partitioning (so no partition gets hot and a tenant's configs stay together):
+
+==============  =======================  ==========================  ==============================
+table           PartitionKey             RowKey                      holds
+==============  =======================  ==========================  ==============================
+vv{r}configs    tenant id                config id                   the config (JSON in Record)
+vv{r}configs    tenant id                ``url-{env}-{sha256}``      uniqueness of env + FHIR URL
+vv{r}configs    ``id-{config id}``       ``tenant``                  config id -> tenant (immutable)
+vv{r}usermaps   EHR user key (HMAC)      ``map``                     EHR user -> Entra oid/tid
+vv{r}visits     visit key (HMAC)         ``visit``                   meeting, subscription, roster
+vv{r}nonces     nonce (random)           ``used``                    single-use state consumption
+==============  =======================  ==========================  ==============================
+
+Region guard: every entity carries ``Region``; reading or writing a record of another region
+raises ``RegionMismatchError``, and tables are named per region.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from connector_core.domain.models import (
+    EhrUserMapping,
+    Region,
+    TenantConfig,
+    Versioned,
+    Visit,
+)
+from connector_core.errors import ConflictError, NotFoundError, RegionMismatchError
+from connector_core.ports import EntityStore, TransactionOp
+
+__all__ = [
+    "ConfigRepository",
+    "MappingRepository",
+    "NonceRepository",
+    "VisitRepository",
+    "table_name",
+]
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def table_name(region: Region, kind: str) -> str:
+    return f"vv{region.value}{kind}"
+
+
+def _url_key(config: TenantConfig) -> str:
+    return _url_key_of(config.environment.value, config.fhir_base_url)
+
+
+def _url_key_of(environment: str, fhir_base_url: str) -> str:
+    digest = hashlib.sha256(fhir_base_url.encode()).hexdigest()[:40]
+    return f"url-{environment}-{digest}"
+
+
+class _Codec(Generic[R]):
+    """Record <-> entity, with the region guard."""
+
+    def __init__(self, model: type[R], region: Region, kind: str) -> None:
+        self.model = model
+        self.region = region
+        self.kind = kind
+
+    def encode(self, record: R, partition_key: str, row_key: str) -> dict[str, Any]:
+        record_region = getattr(record, "region", self.region)
+        if record_region != self.region:
+            raise RegionMismatchError(
+                f"This deployment serves region {self.region.value}; the record belongs to "
+                f"{Region(record_region).value}."
+            )
+        return {
+            "PartitionKey": partition_key,
+            "RowKey": row_key,
+            "Kind": self.kind,
+            "Region": self.region.value,
+            "Record": record.model_dump_json(),
+        }
+
+    def decode(self, entity: dict[str, Any]) -> R:
+        if entity.get("Region") != self.region.value:
+            raise RegionMismatchError(
+                f"This deployment serves region {self.region.value}; use the deployment of the "
+                "record's own region."
+            )
+        return self.model.model_validate_json(entity["Record"])
+
+
+class ConfigRepository:
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        self._store = store
+        self._region = region
+        self._table = table_name(region, "configs")
+        self._codec = _Codec(TenantConfig, region, "config")
+        self._tenant_of: dict[str, str] = {}  # config id -> tenant id never changes: cache it
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: str, config_id: str) -> Versioned[TenantConfig]:
+        try:
+            entity, etag = self._store.get_entity(self._table, tenant_id, config_id)
+        except NotFoundError:
+            raise NotFoundError(f"No configuration {config_id}.") from None
+        if entity.get("Kind") != "config":
+            raise NotFoundError(f"No configuration {config_id}.")
+        return Versioned[TenantConfig](record=self._codec.decode(entity), etag=etag)
+
+    def get_by_id(self, config_id: str) -> Versioned[TenantConfig]:
+        """Look a config up by id alone (launch URLs carry no tenant)."""
+        tenant_id = self._tenant_of.get(config_id)
+        if tenant_id is None:
+            try:
+                entity, _ = self._store.get_entity(self._table, f"id-{config_id}", "tenant")
+            except NotFoundError:
+                raise NotFoundError(f"No configuration {config_id}.") from None
+            if entity.get("Region") != self._region.value:
+                raise RegionMismatchError("This configuration belongs to another region.")
+            tenant_id = str(entity["TenantId"])
+            with self._lock:
+                self._tenant_of[config_id] = tenant_id
+        return self.get(tenant_id, config_id)
+
+    def list(self, tenant_id: str) -> list[Versioned[TenantConfig]]:
+        rows = self._store.list_entities(self._table, partition_key=tenant_id)
+        return [
+            Versioned[TenantConfig](record=self._codec.decode(row), etag=etag)
+            for row, etag in rows
+            if row.get("Kind") == "config"
+        ]
+
+    def find_id_by_url(self, tenant_id: str, environment: str, fhir_base_url: str) -> str | None:
+        try:
+            entity, _ = self._store.get_entity(
+                self._table, tenant_id, _url_key_of(environment, fhir_base_url)
+            )
+        except NotFoundError:
+            return None
+        return str(entity["ConfigId"])
+
+    def _url_row(self, config: TenantConfig) -> dict[str, Any]:
+        return {
+            "PartitionKey": config.tenant_id,
+            "RowKey": _url_key(config),
+            "Kind": "url",
+            "Region": self._region.value,
+            "ConfigId": config.id,
+        }
+
+    def add(self, config: TenantConfig) -> str:
+        """Create; ``ConflictError`` (with ``existingId``) if env + URL is already registered."""
+        row = self._codec.encode(config, config.tenant_id, config.id)
+        index = {
+            "PartitionKey": f"id-{config.id}",
+            "RowKey": "tenant",
+            "Kind": "index",
+            "Region": self._region.value,
+            "TenantId": config.tenant_id,
+        }
+        self._store.create_entity(self._table, index)
+        try:
+            self._store.submit_transaction(
+                self._table,
+                [TransactionOp("create", row), TransactionOp("create", self._url_row(config))],
+            )
+        except ConflictError:
+            self._store.delete_entity(self._table, f"id-{config.id}", "tenant")
+            existing = self.find_id_by_url(
+                config.tenant_id, config.environment.value, config.fhir_base_url
+            )
+            raise ConflictError(
+                "This FHIR base URL is already registered for this environment.",
+                existingId=existing,
+            ) from None
+        except Exception:
+            self._store.delete_entity(self._table, f"id-{config.id}", "tenant")
+            raise
+        return self.get(config.tenant_id, config.id).etag
+
+    def update(self, config: TenantConfig, *, expected: Versioned[TenantConfig]) -> str:
+        """Replace if unchanged since ``expected`` was read (``ConcurrencyConflictError``)."""
+        row = self._codec.encode(config, config.tenant_id, config.id)
+        ops = [TransactionOp("update", row, etag=expected.etag)]
+        if _url_key(config) != _url_key(expected.record):
+            ops += [
+                TransactionOp("delete", self._url_row(expected.record)),
+                TransactionOp("create", self._url_row(config)),
+            ]
+        try:
+            self._store.submit_transaction(self._table, ops)
+        except ConflictError:
+            existing = self.find_id_by_url(
+                config.tenant_id, config.environment.value, config.fhir_base_url
+            )
+            raise ConflictError(
+                "This FHIR base URL is already registered for this environment.",
+                existingId=existing,
+            ) from None
+        return self.get(config.tenant_id, config.id).etag
+
+    def delete(self, tenant_id: str, config_id: str) -> None:
+        """Idempotent."""
+        try:
+            current = self.get(tenant_id, config_id)
+        except NotFoundError:
+            return
+        self._store.submit_transaction(
+            self._table,
+            [
+                TransactionOp("delete", {"PartitionKey": tenant_id, "RowKey": config_id}),
+                TransactionOp("delete", self._url_row(current.record)),
+            ],
+        )
+        self._store.delete_entity(self._table, f"id-{config_id}", "tenant")
+        with self._lock:
+            self._tenant_of.pop(config_id, None)
+
+
+class _SingleRowRepository(Generic[R]):
+    row_key = "row"
+
+    def __init__(self, store: EntityStore, *, region: Region, kind: str, model: type[R]) -> None:
+        self._store = store
+        self._table = table_name(region, kind)
+        self._codec = _Codec(model, region, kind)
+        self._what = kind.rstrip("s")
+
+    def _get(self, key: str) -> Versioned[R]:
+        try:
+            entity, etag = self._store.get_entity(self._table, key, self.row_key)
+        except NotFoundError:
+            raise NotFoundError(f"No {self._what} record for this key.") from None
+        return Versioned[R](record=self._codec.decode(entity), etag=etag)
+
+    def _create(self, key: str, record: R) -> str:
+        return self._store.create_entity(self._table, self._codec.encode(record, key, self.row_key))
+
+    def _update(self, key: str, record: R, etag: str) -> str:
+        return self._store.update_entity(
+            self._table, self._codec.encode(record, key, self.row_key), etag=etag
+        )
+
+    def _upsert(self, key: str, record: R) -> str:
+        return self._store.upsert_entity(self._table, self._codec.encode(record, key, self.row_key))
+
+    def _delete(self, key: str) -> None:
+        self._store.delete_entity(self._table, key, self.row_key)
+
+
+class MappingRepository(_SingleRowRepository[EhrUserMapping]):
+    row_key = "map"
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        super().__init__(store, region=region, kind="usermaps", model=EhrUserMapping)
+
+    def get(self, ehr_user_key: str) -> Versioned[EhrUserMapping]:
+        return self._get(ehr_user_key)
+
+    def upsert(self, mapping: EhrUserMapping) -> str:
+        return self._upsert(mapping.ehr_user_key, mapping)
+
+    def delete(self, ehr_user_key: str) -> None:
+        self._delete(ehr_user_key)
+
+
+class VisitRepository(_SingleRowRepository[Visit]):
+    row_key = "visit"
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        super().__init__(store, region=region, kind="visits", model=Visit)
+
+    def get(self, visit_key: str) -> Versioned[Visit]:
+        return self._get(visit_key)
+
+    def create(self, visit: Visit) -> str:
+        return self._create(visit.visit_key, visit)
+
+    def update(self, visit: Visit, *, etag: str) -> str:
+        return self._update(visit.visit_key, visit, etag)
+
+    def delete(self, visit_key: str) -> None:
+        self._delete(visit_key)
+
+
+class NonceRepository:
+    """Marks single-use values (OAuth state ids) as consumed; a second use is a replay."""
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        self._store = store
+        self._region = region
+        self._table = table_name(region, "nonces")
+
+    def consume(self, nonce: str, *, expires_at: datetime) -> None:
+        """Raises ``ConflictError`` if the nonce was consumed before."""
+        self._store.create_entity(
+            self._table,
+            {
+                "PartitionKey": nonce,
+                "RowKey": "used",
+                "Kind": "nonce",
+                "Region": self._region.value,
+                "ExpiresAt": expires_at.isoformat(),
+            },
+        )

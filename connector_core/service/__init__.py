@@ -1,0 +1,1 @@
+"""Use cases: one module per area, each a set of functions over the container's ports."""

@@ -1,0 +1,90 @@
+"""Generate development key material and a ``local.settings.json`` for local runs.
+
+``python -m devtools.dev_secrets`` writes ``local.settings.json`` (gitignored) from
+``local.settings.sample.json`` with fresh values for the secret settings, unless it exists.
+Never use these values in Azure: there, Key Vault holds real secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["dev_secret_settings", "new_rsa_private_key_pem", "new_self_signed_cert_pem"]
+
+
+def new_rsa_private_key_pem(bits: int = 2048) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def new_self_signed_cert_pem(common_name: str = "vv-connector-notifications") -> str:
+    """A self-signed certificate followed by its private key, both PEM (Graph encryption)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode() + key_pem
+
+
+def dev_secret_settings() -> dict[str, str]:
+    return {
+        "CONNECTOR_SECRET_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "SMART_PRIVATE_KEY": new_rsa_private_key_pem(),
+        "GRAPH_NOTIFICATION_CERT": new_self_signed_cert_pem(),
+    }
+
+
+def write_local_settings(path: Path, *, force: bool = False) -> bool:
+    if path.exists() and not force:
+        return False
+    sample = json.loads((REPO_ROOT / "local.settings.sample.json").read_text())
+    sample["Values"].update(dev_secret_settings())
+    path.write_text(json.dumps(sample, indent=2) + "\n")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--path", type=Path, default=REPO_ROOT / "local.settings.json")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = parser.parse_args(argv)
+    if write_local_settings(args.path, force=args.force):
+        print(f"wrote {args.path}")
+    else:
+        print(f"{args.path} exists; left unchanged (use --force to regenerate)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""The Function App: builds ``func.FunctionApp`` and registers one Blueprint per area. No logic."""
+
+import azure.functions as func
+
+from functions import health
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+for blueprint in (health.bp,):
+    app.register_functions(blueprint)

@@ -1,0 +1,1 @@
+"""Thin HTTP triggers, one ``func.Blueprint`` per area. They translate, nothing more."""

@@ -1,0 +1,17 @@
+"""GET /api/health: region, version; 503 when storage is unreachable."""
+
+from __future__ import annotations
+
+import azure.functions as func
+
+from connector_core.bootstrap import get_container
+from connector_core.service.health import check_health
+from functions._http import api, json_response
+
+bp = func.Blueprint()
+
+
+@bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@api
+def health(req: func.HttpRequest) -> func.HttpResponse:
+    return json_response(check_health(get_container()), headers={"Cache-Control": "no-store"})
