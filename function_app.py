@@ -2,9 +2,9 @@
 
 import azure.functions as func
 
-from functions import health
+from functions import health, wellknown
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 
-for blueprint in (health.bp,):
+for blueprint in (health.bp, wellknown.bp):
     app.register_functions(blueprint)

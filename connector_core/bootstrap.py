@@ -11,13 +11,16 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
+from connector_core.crypto import Keyring, SigningKeys
 from connector_core.domain.models import utcnow
 from connector_core.ports import EntityStore, MessageQueue
 from connector_core.repositories import (
     ConfigRepository,
     MappingRepository,
     NonceRepository,
+    SubscriptionRepository,
     VisitRepository,
 )
 from connector_core.settings import Settings
@@ -38,6 +41,7 @@ class Container:
     mappings: MappingRepository = field(init=False)
     visits: VisitRepository = field(init=False)
     nonces: NonceRepository = field(init=False)
+    subscriptions: SubscriptionRepository = field(init=False)
 
     def __post_init__(self) -> None:
         region = self.settings.region
@@ -45,6 +49,15 @@ class Container:
         self.mappings = MappingRepository(self.store, region=region)
         self.visits = VisitRepository(self.store, region=region)
         self.nonces = NonceRepository(self.store, region=region)
+        self.subscriptions = SubscriptionRepository(self.store, region=region)
+
+    @cached_property
+    def keyring(self) -> Keyring:
+        return Keyring(self.settings.secret_key_bytes)
+
+    @cached_property
+    def signing_keys(self) -> SigningKeys:
+        return SigningKeys.from_pem_bundle(self.settings.smart_private_key.get_secret_value())
 
     @property
     def version(self) -> str:

@@ -10,6 +10,7 @@ vv{r}configs    tenant id                ``url-{env}-{sha256}``      uniqueness 
 vv{r}configs    ``id-{config id}``       ``tenant``                  config id -> tenant (immutable)
 vv{r}usermaps   EHR user key (HMAC)      ``map``                     EHR user -> Entra oid/tid
 vv{r}visits     visit key (HMAC)         ``visit``                   meeting, subscription, roster
+vv{r}subs       Graph subscription id    ``sub``                     subscription -> visit, secret
 vv{r}nonces     nonce (random)           ``used``                    single-use state consumption
 ==============  =======================  ==========================  ==============================
 
@@ -28,6 +29,7 @@ from pydantic import BaseModel
 
 from connector_core.domain.models import (
     EhrUserMapping,
+    GraphSubscription,
     Region,
     TenantConfig,
     Versioned,
@@ -40,6 +42,7 @@ __all__ = [
     "ConfigRepository",
     "MappingRepository",
     "NonceRepository",
+    "SubscriptionRepository",
     "VisitRepository",
     "table_name",
 ]
@@ -284,6 +287,22 @@ class VisitRepository(_SingleRowRepository[Visit]):
 
     def delete(self, visit_key: str) -> None:
         self._delete(visit_key)
+
+
+class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
+    row_key = "sub"
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        super().__init__(store, region=region, kind="subs", model=GraphSubscription)
+
+    def get(self, subscription_id: str) -> Versioned[GraphSubscription]:
+        return self._get(subscription_id)
+
+    def upsert(self, subscription: GraphSubscription) -> str:
+        return self._upsert(subscription.subscription_id, subscription)
+
+    def delete(self, subscription_id: str) -> None:
+        self._delete(subscription_id)
 
 
 class NonceRepository:

@@ -23,6 +23,7 @@ __all__ = [
     "EhrUserMapping",
     "EhrVendor",
     "Environment",
+    "GraphSubscription",
     "ParticipantRole",
     "ParticipantState",
     "ParticipantStatus",
@@ -230,6 +231,18 @@ class Visit(_Record):
     updated_at: datetime
     ended_at: datetime | None = None
     purge_after: datetime | None = None
+
+
+class GraphSubscription(_Record):
+    """A Graph change-notification subscription for one visit's meeting call events."""
+
+    subscription_id: str
+    region: Region
+    visit_key: str
+    tenant_id: str
+    client_state_sealed: str = Field(description="the per-subscription clientState, sealed")
+    expires_at: datetime
+    created_at: datetime
 
 
 T = TypeVar("T", bound=BaseModel)

@@ -91,3 +91,15 @@ def test_health_against_unreachable_storage_is_503() -> None:
     set_container(Container.from_settings(settings))
     response = health(get())
     assert response.status_code == 503
+
+
+def test_jwks_publishes_public_keys_only() -> None:
+    from functions.wellknown import jwks
+
+    container = in_memory_container()
+    set_container(container)
+    response = jwks(get("http://127.0.0.1/api/.well-known/jwks.json"))
+    assert response.status_code == 200
+    keys = json.loads(response.get_body())["keys"]
+    assert [k["kid"] for k in keys] == [container.signing_keys.active_kid]
+    assert all("d" not in k and k["alg"] == "RS384" for k in keys)
