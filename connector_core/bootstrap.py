@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from connector_core.crypto import Keyring, SigningKeys
 from connector_core.domain.models import utcnow
@@ -24,6 +25,9 @@ from connector_core.repositories import (
     VisitRepository,
 )
 from connector_core.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Container", "get_container", "reset_container", "set_container"]
 
@@ -50,6 +54,19 @@ class Container:
         self.visits = VisitRepository(self.store, region=region)
         self.nonces = NonceRepository(self.store, region=region)
         self.subscriptions = SubscriptionRepository(self.store, region=region)
+
+    @cached_property
+    def http(self) -> httpx.Client:
+        """One outbound HTTP client per process: explicit timeouts, no redirects followed,
+        trust_env kept so SSL_CERT_FILE / REQUESTS_CA_BUNDLE reach it."""
+        import httpx
+
+        return httpx.Client(
+            timeout=httpx.Timeout(10.0, connect=3.0),
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            headers={"User-Agent": f"ehr-virtual-visit-connector/{VERSION}"},
+        )
 
     @cached_property
     def keyring(self) -> Keyring:
