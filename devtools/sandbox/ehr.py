@@ -1,0 +1,1368 @@
+"""Sandbox SMART EHR: a strict, local stand-in for Epic or any SMART on FHIR EHR.
+
+Implements what the connector relies on (see DESIGN.md): SMART App Launch 2.x discovery, EHR and
+standalone launch with PKCE (S256 only), ``private_key_jwt`` client authentication (RS384/ES384,
+``jti`` replay refused), SMART Backend Services (client credentials), FHIR R4 reads, ``POST
+AuditEvent`` and Epic's ``SetExternalConnectionStatus``. Fault injection (``fail_next``,
+``set_down``) and inspection lists (``audit_events``, ``epic_status_calls``) serve the tests; a
+small page at ``/`` lists today's appointments with "Start virtual visit" buttons for a demo.
+
+URL layout (``base`` = the server's base URL, ``fhir_base`` = ``{base}/fhir/r4``)::
+
+    GET  {base}/                                   today's appointments (?config=<id>)
+    GET  {fhir_base}/.well-known/smart-configuration
+    GET  {fhir_base}/.well-known/openid-configuration
+    GET  {fhir_base}/.well-known/jwks.json         the EHR's id_token signing key
+    GET  {fhir_base}/metadata                      CapabilityStatement (4.0.1)
+    GET  {fhir_base}/{Patient|Practitioner|Appointment|Encounter|AuditEvent}/{id}
+    POST {fhir_base}/AuditEvent
+    GET  {base}/fhir/dstu2/metadata (+ /.well-known/smart-configuration)   a DSTU2 server
+    GET  {base}/fhir/no-pkce/metadata (+ smart-configuration advertising only "plain" PKCE)
+    GET  {base}/oauth2/authorize                   EHR launch -> 302; standalone -> sign-in page
+    GET  {base}/oauth2/signin?req=..&user=..       the sign-in page's links (or &deny=1)
+    POST {base}/oauth2/token
+    POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import html
+import json
+import re
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, quote, urlencode
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from devtools.sandbox import seed
+
+__all__ = ["ENDPOINTS", "LaunchContext", "SandboxEhr", "find_signin_link"]
+
+UserKind = Literal["clinician", "patient"]
+ENDPOINTS = frozenset(
+    {"token", "authorize", "fhir", "auditevent", "epic", "backend-token", "discovery"}
+)
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_ALGS = ("RS384", "ES384")
+CODE_TTL = 60.0
+LAUNCH_TTL = 8 * 3600.0
+SIGNIN_TTL = 600.0
+USER_TOKEN_TTL = 3600
+SYSTEM_TOKEN_TTL = 300
+ASSERTION_MAX_LIFETIME = 300.0
+CLOCK_SKEW = 5.0
+JWKS_CACHE_TTL = 30.0
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+READABLE_TYPES = ("Patient", "Practitioner", "Appointment", "Encounter", "AuditEvent")
+EPIC_STATUS_PATH = "/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus"
+# Confirmed from Epic integrations: ConferenceID, ExternalID, ExternalIDType, VendorName and
+# ConnectionStatus. VendorName is accepted but not required.
+EPIC_REQUIRED_PARAMS = ("ConferenceID", "ExternalID", "ExternalIDType", "ConnectionStatus")
+_PKCE_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_PKCE_VERIFIER_RE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
+_SCOPE_RE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)$")
+_SIGNIN_LINK_RE = re.compile(r'<a class="user" data-user-id="([^"]+)" href="([^"]+)"')
+_DENY_LINK_RE = re.compile(r'<a class="deny" href="([^"]+)"')
+
+
+def find_signin_link(page_html: str, user_id: str | None = None, *, deny: bool = False) -> str:
+    """The href of a sign-in page's user link (default: the first, i.e. the analyst) or Deny."""
+    if deny:
+        match = _DENY_LINK_RE.search(page_html)
+        if not match:
+            raise LookupError("no Deny link on the page")
+        return html.unescape(match.group(1))
+    for found in _SIGNIN_LINK_RE.finditer(page_html):
+        if user_id is None or html.unescape(found.group(1)) == user_id:
+            return html.unescape(found.group(2))
+    raise LookupError(f"no sign-in link for user {user_id!r}")
+
+
+@dataclass(frozen=True)
+class LaunchContext:
+    """What a launch token stands for: who clicked, in which visit."""
+
+    user: UserKind
+    fhir_user: str  # relative reference, "Practitioner/x" or "Patient/y"
+    patient_id: str
+    appointment_id: str
+    encounter_id: str | None
+    conference_id: str | None
+    deny: bool
+    expires_at: float
+
+
+@dataclass
+class _Fault:
+    status: int
+    remaining: int
+    delay: float
+
+
+@dataclass
+class _AuthCode:
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    scopes: list[str]
+    nonce: str | None
+    fhir_user: str
+    launch: LaunchContext | None
+    expires_at: float
+    used: bool = False
+    access_tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _AccessToken:
+    kind: Literal["user", "system"]
+    client_id: str
+    scopes: frozenset[str]
+    expires_at: float
+    patient_id: str | None = None
+    revoked: bool = False
+
+
+@dataclass
+class _PendingSignin:
+    client_id: str
+    redirect_uri: str
+    state: str
+    code_challenge: str
+    scopes: list[str]
+    nonce: str | None
+    expires_at: float
+
+
+class _OAuthError(Exception):
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(f"{error}: {description}")
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class _DownGuard:
+    """ASGI middleware: every endpoint answers 503 while the EHR is set down."""
+
+    def __init__(self, app: ASGIApp, ehr: SandboxEhr) -> None:
+        self.app = app
+        self.ehr = ehr
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.ehr.is_down:
+            response = Response(
+                "Sandbox EHR is down (set_down)",
+                status_code=503,
+                media_type="text/plain",
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+_LAUNCH_BUTTONS: tuple[tuple[UserKind, str], ...] = (
+    ("clinician", "Start virtual visit (clinician — Hyperspace)"),
+    ("patient", "Start virtual visit (patient — MyChart)"),
+)
+_KEY_LOCK = threading.Lock()
+_SIGNING_KEYS: list[rsa.RSAPrivateKey] = []
+
+
+def _signing_key() -> rsa.RSAPrivateKey:
+    """The EHR's id_token signing key: generated once per process (RSA generation is slow)."""
+    with _KEY_LOCK:
+        if not _SIGNING_KEYS:
+            _SIGNING_KEYS.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        return _SIGNING_KEYS[0]
+
+
+def _b64url_sha256(value: str) -> str:
+    digest = hashlib.sha256(value.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def _outcome(status: int, code: str, diagnostics: str) -> Response:
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
+    }
+    return Response(json.dumps(body), status_code=status, media_type=FHIR_JSON)
+
+
+def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{html.escape(title, quote=False)}</title><style>{_CSS}</style></head>"
+        f"<body><header>Sandbox EHR</header><main><h1>{html.escape(title, quote=False)}</h1>{body}"
+        "</main></body></html>",
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:0;background:#f4f6f8;color:#1d2733}
+header{background:#7a1f3d;color:#fff;padding:.6rem 1.2rem;font-weight:600}
+main{padding:1rem 1.5rem;max-width:72rem}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{border-bottom:1px solid #d8dee4;padding:.5rem .6rem;text-align:left;vertical-align:top}
+th{background:#eef1f4}
+a.launch,a.user,a.deny,button{display:inline-block;margin:.15rem 0;padding:.35rem .7rem;
+border-radius:4px;text-decoration:none;border:0;font-size:.9rem;cursor:pointer}
+a.launch[data-role=clinician]{background:#1f5f99;color:#fff}
+a.launch[data-role=patient]{background:#2f7d4f;color:#fff}
+a.user{background:#1f5f99;color:#fff}
+a.deny{background:#a33;color:#fff}
+.badge{background:#ffe9a8;border-radius:3px;padding:0 .3rem;font-size:.8rem}
+.error{background:#fff0f0;border:1px solid #e0a0a0;padding:.8rem}
+"""
+
+
+class SandboxEhr:
+    """A strict SMART on FHIR EHR served as a Starlette app (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        connector_url: str,
+        smart_client_id: str,
+        connector_jwks_url: str | None = None,
+        extra_redirect_uris: Sequence[str] = (),
+    ) -> None:
+        self.connector_url = connector_url.rstrip("/")
+        self.smart_client_id = smart_client_id
+        self.connector_jwks_url = connector_jwks_url
+        self.redirect_uris: list[str] = [
+            f"{self.connector_url}/api/launch/callback",
+            f"{self.connector_url}/api/ehr-signin/callback",
+            *extra_redirect_uris,
+        ]
+        self.default_config_id: str | None = None
+        # Refuse public (client_id only) token requests, like an EHR that registered the
+        # connector as a confidential asymmetric client only.
+        self.require_client_assertion = False
+        self.clock: Callable[[], float] = time.time
+        self.audit_events: list[dict[str, Any]] = []
+        self.epic_status_calls: list[dict[str, Any]] = []
+        # (grant_type, auth method "private_key_jwt" or "none") per successful token request
+        self.token_requests: list[dict[str, str]] = []
+
+        self._lock = threading.Lock()
+        self._base_url: str | None = None
+        self._down = False
+        self._faults: dict[str, list[_Fault]] = {}
+        self._launches: dict[str, LaunchContext] = {}
+        self._codes: dict[str, _AuthCode] = {}
+        self._tokens: dict[str, _AccessToken] = {}
+        self._signins: dict[str, _PendingSignin] = {}
+        self._jtis: dict[str, float] = {}
+        self._jwks_cache: tuple[float, dict[str, Any]] | None = None
+        self._audit_by_id: dict[str, dict[str, Any]] = {}
+
+        self._key = _signing_key()
+        public_jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
+        self._kid = _b64url_sha256(public_jwk["n"])[:16]
+        public_jwk.update({"kid": self._kid, "use": "sig", "alg": "RS256"})
+        self._public_jwk = public_jwk
+
+        self.app = Starlette(routes=self._routes(), middleware=[Middleware(_DownGuard, ehr=self)])
+
+    # --- configuration and test controls --------------------------------------------------------
+
+    def set_base_url(self, base_url: str) -> None:
+        self._base_url = base_url.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        if self._base_url is None:
+            raise RuntimeError("SandboxEhr.set_base_url() has not been called")
+        return self._base_url
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.base_url}/fhir/r4"
+
+    @property
+    def dstu2_base(self) -> str:
+        return f"{self.base_url}/fhir/dstu2"
+
+    @property
+    def no_pkce_base(self) -> str:
+        return f"{self.base_url}/fhir/no-pkce"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self.base_url}/oauth2/authorize"
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.base_url}/oauth2/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.fhir_base}/.well-known/jwks.json"
+
+    @property
+    def epic_status_url(self) -> str:
+        return f"{self.base_url}{EPIC_STATUS_PATH}"
+
+    @property
+    def public_jwks(self) -> dict[str, Any]:
+        return {"keys": [dict(self._public_jwk)]}
+
+    @property
+    def is_down(self) -> bool:
+        with self._lock:
+            return self._down
+
+    def set_down(self, down: bool) -> None:
+        with self._lock:
+            self._down = down
+
+    def fail_next(
+        self, endpoint: str, *, status: int = 500, count: int = 1, delay: float = 0.0
+    ) -> None:
+        """The next ``count`` requests to ``endpoint`` fail with ``status`` after ``delay`` s.
+
+        ``authorize`` faults redirect back with ``error=access_denied`` (``status=503`` answers a
+        503 page instead). A ``status`` below 400 only delays, then answers normally.
+        """
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {sorted(ENDPOINTS)}")
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        with self._lock:
+            self._faults.setdefault(endpoint, []).append(_Fault(status, count, delay))
+
+    def reset(self) -> None:
+        """Clear faults, the down flag, the inspection lists and restore the clock and
+        ``require_client_assertion`` (issued tokens, codes and launches are kept)."""
+        with self._lock:
+            self._faults.clear()
+            self._down = False
+            self.clock = time.time
+            self.require_client_assertion = False
+            self.audit_events.clear()
+            self.epic_status_calls.clear()
+            self.token_requests.clear()
+
+    def make_launch(
+        self,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None = None,
+        conference_id: str | None = None,
+        deny: bool = False,
+    ) -> str:
+        """A launch token (what the EHR puts in ``launch=``) for that visit and user."""
+        appt = seed.APPOINTMENTS.get(appointment_id)
+        if appt is None:
+            raise ValueError(f"unknown appointment {appointment_id!r}")
+        if user == "clinician":
+            prac = practitioner_id or appt.practitioner_id
+            if prac not in seed.PRACTITIONERS:
+                raise ValueError(f"unknown practitioner {prac!r}")
+            fhir_user = f"Practitioner/{prac}"
+        elif user == "patient":
+            fhir_user = f"Patient/{appt.patient_id}"
+        else:
+            raise ValueError("user must be 'clinician' or 'patient'")
+        ctx = LaunchContext(
+            user=user,
+            fhir_user=fhir_user,
+            patient_id=appt.patient_id,
+            appointment_id=appt.id,
+            encounter_id=appt.encounter_id,
+            conference_id=conference_id or appt.conference_id,
+            deny=deny,
+            expires_at=self.clock() + LAUNCH_TTL,
+        )
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            now = self.clock()
+            for key in [k for k, v in self._launches.items() if v.expires_at < now]:
+                del self._launches[key]
+            self._launches[token] = ctx
+        return token
+
+    def launch_url(
+        self,
+        config_id: str,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None = None,
+        conference_id: str | None = None,
+        deny: bool = False,
+    ) -> str:
+        """The connector's launch URL the EHR opens for this visit and user."""
+        token = self.make_launch(
+            appointment_id=appointment_id,
+            user=user,
+            practitioner_id=practitioner_id,
+            conference_id=conference_id,
+            deny=deny,
+        )
+        kind = "provider" if user == "clinician" else "patient"
+        query = urlencode({"iss": self.fhir_base, "launch": token})
+        return f"{self.connector_url}/api/launch/{kind}/{quote(config_id, safe='')}?{query}"
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _routes(self) -> list[Route]:
+        return [
+            Route("/", self._home, methods=["GET"]),
+            Route("/smart-style.json", self._smart_style, methods=["GET"]),
+            Route(
+                "/fhir/{flavor}/.well-known/smart-configuration",
+                self._smart_config,
+                methods=["GET"],
+            ),
+            Route(
+                "/fhir/r4/.well-known/openid-configuration", self._openid_config, methods=["GET"]
+            ),
+            Route("/fhir/r4/.well-known/jwks.json", self._jwks, methods=["GET"]),
+            Route("/oauth2/jwks", self._jwks, methods=["GET"]),
+            Route("/fhir/{flavor}/metadata", self._metadata, methods=["GET"]),
+            Route("/fhir/r4/AuditEvent", self._post_audit_event, methods=["POST"]),
+            Route("/fhir/r4/{rtype}/{rid}", self._fhir_read, methods=["GET"]),
+            Route("/oauth2/authorize", self._authorize, methods=["GET"]),
+            Route("/oauth2/signin", self._signin, methods=["GET"]),
+            Route("/oauth2/token", self._token, methods=["POST"]),
+            Route(EPIC_STATUS_PATH, self._epic_status, methods=["POST"]),
+        ]
+
+    async def _take_fault(self, endpoint: str) -> _Fault | None:
+        """Pops the next fault for ``endpoint``, sleeps its delay; returns it if it must fail."""
+        with self._lock:
+            queue = self._faults.get(endpoint)
+            if not queue:
+                return None
+            fault = queue[0]
+            fault.remaining -= 1
+            if fault.remaining <= 0:
+                queue.pop(0)
+            snapshot = _Fault(fault.status, fault.remaining, fault.delay)
+        if snapshot.delay > 0:
+            await asyncio.sleep(snapshot.delay)
+        return snapshot if snapshot.status >= 400 else None
+
+    def _bearer(self, request: Request) -> tuple[_AccessToken | None, Response | None]:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None, self._unauthorized('Bearer realm="sandbox-ehr"')
+        with self._lock:
+            info = self._tokens.get(value.strip())
+        if info is None or info.revoked or info.expires_at <= self.clock():
+            return None, self._unauthorized(
+                'Bearer realm="sandbox-ehr", error="invalid_token", '
+                'error_description="The access token is unknown, expired or revoked"'
+            )
+        return info, None
+
+    @staticmethod
+    def _unauthorized(challenge: str) -> Response:
+        response = _outcome(401, "login", "Authorization: Bearer <valid access token> required")
+        response.headers["WWW-Authenticate"] = challenge
+        return response
+
+    @staticmethod
+    def _allowed_contexts(
+        scopes: frozenset[str], rtype: str, action: Literal["read", "create"]
+    ) -> set[str]:
+        contexts: set[str] = set()
+        for scope in scopes:
+            match = _SCOPE_RE.match(scope)
+            if not match or not match.group(3):
+                continue
+            ctx, scope_type, perm = match.groups()
+            if scope_type not in ("*", rtype):
+                continue
+            if perm in ("read", "write", "*"):
+                ok = perm == "*" or (perm == "read") == (action == "read")
+            else:
+                ok = ("r" if action == "read" else "c") in perm
+            if ok:
+                contexts.add(ctx)
+        return contexts
+
+    # --- discovery ------------------------------------------------------------------------------
+
+    async def _discovery_fault(self) -> Response | None:
+        fault = await self._take_fault("discovery")
+        if fault:
+            return JSONResponse({"error": "server_error"}, status_code=fault.status)
+        return None
+
+    def _smart_configuration(self, issuer: str, pkce: list[str]) -> dict[str, Any]:
+        return {
+            "issuer": issuer,
+            "jwks_uri": self.jwks_uri,
+            "authorization_endpoint": self.authorization_endpoint,
+            "token_endpoint": self.token_endpoint,
+            "grant_types_supported": ["authorization_code", "client_credentials"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
+            "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+            "scopes_supported": [
+                "openid",
+                "fhirUser",
+                "launch",
+                "launch/patient",
+                "launch/encounter",
+                "patient/*.rs",
+                "user/*.rs",
+                "patient/*.read",
+                "user/*.read",
+                "system/AuditEvent.c",
+                "system/AuditEvent.write",
+            ],
+            "response_types_supported": ["code"],
+            "capabilities": [
+                "launch-ehr",
+                "launch-standalone",
+                "client-public",
+                "client-confidential-asymmetric",
+                "context-banner",
+                "context-style",
+                "context-ehr-patient",
+                "context-ehr-encounter",
+                "sso-openid-connect",
+                "permission-patient",
+                "permission-user",
+                "permission-v1",
+                "permission-v2",
+            ],
+            "code_challenge_methods_supported": pkce,
+        }
+
+    async def _smart_config(self, request: Request) -> Response:
+        if fault := await self._discovery_fault():
+            return fault
+        flavor = request.path_params["flavor"]
+        if flavor == "r4":
+            doc = self._smart_configuration(self.fhir_base, ["S256"])
+        elif flavor == "dstu2":
+            doc = self._smart_configuration(self.dstu2_base, ["S256"])
+        elif flavor == "no-pkce":
+            doc = self._smart_configuration(self.no_pkce_base, ["plain"])
+        else:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        return JSONResponse(doc)
+
+    async def _openid_config(self, request: Request) -> Response:
+        if fault := await self._discovery_fault():
+            return fault
+        return JSONResponse(
+            {
+                "issuer": self.fhir_base,
+                "jwks_uri": self.jwks_uri,
+                "authorization_endpoint": self.authorization_endpoint,
+                "token_endpoint": self.token_endpoint,
+                "response_types_supported": ["code"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "scopes_supported": ["openid", "fhirUser"],
+                "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nonce", "fhirUser"],
+                "code_challenge_methods_supported": ["S256"],
+            }
+        )
+
+    async def _jwks(self, request: Request) -> Response:
+        return JSONResponse(self.public_jwks)
+
+    async def _smart_style(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "color_background": "#f4f6f8",
+                "color_highlight": "#7a1f3d",
+                "font_family_body": "system-ui, sans-serif",
+            }
+        )
+
+    async def _metadata(self, request: Request) -> Response:
+        if fault := await self._discovery_fault():
+            return fault
+        flavor = request.path_params["flavor"]
+        if flavor == "dstu2":
+            doc: dict[str, Any] = {
+                "resourceType": "Conformance",
+                "status": "active",
+                "date": "2016-01-01",
+                "kind": "instance",
+                "fhirVersion": "1.0.2",
+                "acceptUnknown": "no",
+                "format": ["application/json+fhir"],
+                "rest": [{"mode": "server", "security": self._security(self.dstu2_base)}],
+            }
+            return Response(json.dumps(doc), media_type="application/json+fhir; charset=utf-8")
+        if flavor not in ("r4", "no-pkce"):
+            return _outcome(404, "not-found", "Unknown FHIR endpoint")
+        resources: list[dict[str, Any]] = [
+            {"type": t, "interaction": [{"code": "read"}]}
+            for t in ("Patient", "Practitioner", "Appointment", "Encounter")
+        ]
+        resources.append(
+            {"type": "AuditEvent", "interaction": [{"code": "create"}, {"code": "read"}]}
+        )
+        base = self.fhir_base if flavor == "r4" else self.no_pkce_base
+        doc = {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": "2024-01-01",
+            "kind": "instance",
+            "software": {"name": "Sandbox SMART EHR", "version": "1.0"},
+            "implementation": {"description": "Sandbox SMART EHR", "url": base},
+            "fhirVersion": "4.0.1",
+            "format": ["json"],
+            "rest": [{"mode": "server", "security": self._security(base), "resource": resources}],
+        }
+        return Response(json.dumps(doc), media_type=FHIR_JSON)
+
+    def _security(self, base: str) -> dict[str, Any]:
+        return {
+            "extension": [
+                {
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [
+                        {"url": "authorize", "valueUri": self.authorization_endpoint},
+                        {"url": "token", "valueUri": self.token_endpoint},
+                    ],
+                }
+            ],
+            "service": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                            "code": "SMART-on-FHIR",
+                        }
+                    ]
+                }
+            ],
+        }
+
+    # --- authorize ------------------------------------------------------------------------------
+
+    def _error_page(self, title: str, detail: str, status: int = 400) -> HTMLResponse:
+        return _page(
+            title,
+            f'<div class="error oauth-error"><p>{html.escape(detail)}</p>'
+            "<p>The sign-in request was not sent back to the application because it could not "
+            "be verified.</p></div>",
+            status,
+        )
+
+    def _redirect_error(
+        self, redirect_uri: str, state: str | None, error: str, description: str
+    ) -> Response:
+        params = {"error": error, "error_description": description}
+        if state:
+            params["state"] = state
+        return RedirectResponse(self._with_query(redirect_uri, params), status_code=302)
+
+    @staticmethod
+    def _with_query(url: str, params: dict[str, str]) -> str:
+        return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}"
+
+    def _issue_code(
+        self,
+        *,
+        client_id: str,
+        redirect_uri: str,
+        code_challenge: str,
+        scopes: list[str],
+        nonce: str | None,
+        fhir_user: str,
+        launch: LaunchContext | None,
+    ) -> str:
+        code = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._lock:
+            for key in [k for k, v in self._codes.items() if v.expires_at + 600 < now]:
+                del self._codes[key]
+            self._codes[code] = _AuthCode(
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                code_challenge=code_challenge,
+                scopes=scopes,
+                nonce=nonce,
+                fhir_user=fhir_user,
+                launch=launch,
+                expires_at=now + CODE_TTL,
+            )
+        return code
+
+    async def _authorize(self, request: Request) -> Response:
+        items = request.query_params.multi_items()
+        params = dict(items)
+        client_id = params.get("client_id")
+        redirect_uri = params.get("redirect_uri")
+        if not client_id or client_id != self.smart_client_id:
+            return self._error_page(
+                "Unknown application", f"client_id {client_id!r} is not registered with this EHR."
+            )
+        if not redirect_uri or redirect_uri not in self.redirect_uris:
+            return self._error_page(
+                "Invalid redirect URI",
+                f"redirect_uri {redirect_uri!r} is not registered for this application.",
+            )
+        state = params.get("state")
+        fault = await self._take_fault("authorize")
+        if fault:
+            if fault.status == 503:
+                return _page("EHR unavailable", "<p>Try again later.</p>", 503)
+            return self._redirect_error(
+                redirect_uri, state, "access_denied", "The user or the EHR denied the request"
+            )
+        if len(params) != len(items):
+            return self._redirect_error(
+                redirect_uri, state, "invalid_request", "A parameter was repeated"
+            )
+        if params.get("response_type") != "code":
+            return self._redirect_error(
+                redirect_uri, state, "unsupported_response_type", "response_type must be 'code'"
+            )
+        if not state:
+            return self._redirect_error(redirect_uri, None, "invalid_request", "state is required")
+        scopes = params.get("scope", "").split()
+        if not scopes:
+            return self._redirect_error(redirect_uri, state, "invalid_scope", "scope is required")
+        if params.get("code_challenge_method") != "S256":
+            return self._redirect_error(
+                redirect_uri,
+                state,
+                "invalid_request",
+                "PKCE with code_challenge_method=S256 is required",
+            )
+        challenge = params.get("code_challenge", "")
+        if not _PKCE_CHALLENGE_RE.match(challenge):
+            return self._redirect_error(
+                redirect_uri, state, "invalid_request", "code_challenge is missing or malformed"
+            )
+        if params.get("aud") != self.fhir_base:
+            return self._redirect_error(
+                redirect_uri,
+                state,
+                "invalid_request",
+                f"aud must be this EHR's FHIR base URL ({self.fhir_base})",
+            )
+        nonce = params.get("nonce")
+        launch = params.get("launch")
+        if launch:
+            if "launch" not in scopes:
+                return self._redirect_error(
+                    redirect_uri,
+                    state,
+                    "invalid_scope",
+                    "an EHR launch requires the 'launch' scope",
+                )
+            with self._lock:
+                ctx = self._launches.get(launch)
+            if ctx is None or ctx.expires_at <= self.clock():
+                return self._redirect_error(
+                    redirect_uri, state, "invalid_request", "The launch token is unknown or expired"
+                )
+            if ctx.deny:
+                return self._redirect_error(
+                    redirect_uri, state, "access_denied", "The user denied the request"
+                )
+            code = self._issue_code(
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                code_challenge=challenge,
+                scopes=scopes,
+                nonce=nonce,
+                fhir_user=ctx.fhir_user,
+                launch=ctx,
+            )
+            return RedirectResponse(
+                self._with_query(redirect_uri, {"code": code, "state": state}), status_code=302
+            )
+        if "launch" in scopes:
+            return self._redirect_error(
+                redirect_uri, state, "invalid_request", "scope 'launch' requires a launch parameter"
+            )
+        req = secrets.token_urlsafe(24)
+        with self._lock:
+            now = self.clock()
+            for key in [k for k, v in self._signins.items() if v.expires_at < now]:
+                del self._signins[key]
+            self._signins[req] = _PendingSignin(
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                state=state,
+                code_challenge=challenge,
+                scopes=scopes,
+                nonce=nonce,
+                expires_at=now + SIGNIN_TTL,
+            )
+        return self._signin_page(req)
+
+    @staticmethod
+    def _signin_users() -> list[seed.SeedPractitioner]:
+        analyst = seed.PRACTITIONERS[seed.ANALYST_ID]
+        clinicians = [seed.PRACTITIONERS[p] for p in seed.CLINICIAN_IDS]
+        return [analyst, *clinicians]
+
+    def _signin_page(self, req: str) -> HTMLResponse:
+        rows = []
+        for user in self._signin_users():
+            href = f"{self.base_url}/oauth2/signin?{urlencode({'req': req, 'user': user.id})}"
+            role = "EHR analyst" if user.role == "analyst" else "clinician"
+            rows.append(
+                f'<li><a class="user" data-user-id="{html.escape(user.id)}" '
+                f'href="{html.escape(href)}">Sign in as {html.escape(user.name)}</a> '
+                f"({role})</li>"
+            )
+        deny = f"{self.base_url}/oauth2/signin?{urlencode({'req': req, 'deny': '1'})}"
+        body = (
+            "<p>An application asks to sign you in to the EHR. Choose a user:</p>"
+            f"<ul class=users>{''.join(rows)}</ul>"
+            f'<p><a class="deny" href="{html.escape(deny)}">Deny</a></p>'
+        )
+        return _page("Sign in to the Sandbox EHR", body)
+
+    async def _signin(self, request: Request) -> Response:
+        req = request.query_params.get("req", "")
+        with self._lock:
+            pending = self._signins.pop(req, None)
+        if pending is None or pending.expires_at <= self.clock():
+            return self._error_page(
+                "Sign-in expired", "This sign-in request is unknown, used or expired."
+            )
+        if request.query_params.get("deny"):
+            return self._redirect_error(
+                pending.redirect_uri, pending.state, "access_denied", "The user denied the request"
+            )
+        user_id = request.query_params.get("user", "")
+        if user_id not in {u.id for u in self._signin_users()}:
+            return self._error_page("Unknown user", "No such EHR user.")
+        code = self._issue_code(
+            client_id=pending.client_id,
+            redirect_uri=pending.redirect_uri,
+            code_challenge=pending.code_challenge,
+            scopes=pending.scopes,
+            nonce=pending.nonce,
+            fhir_user=f"Practitioner/{user_id}",
+            launch=None,
+        )
+        return RedirectResponse(
+            self._with_query(pending.redirect_uri, {"code": code, "state": pending.state}),
+            status_code=302,
+        )
+
+    # --- token ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _token_error(err: _OAuthError) -> Response:
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        if err.status == 401:
+            headers["WWW-Authenticate"] = 'Basic realm="sandbox-ehr"'
+        return JSONResponse(
+            {"error": err.error, "error_description": err.description},
+            status_code=err.status,
+            headers=headers,
+        )
+
+    async def _token(self, request: Request) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = (await request.body()).decode("utf-8", errors="replace")
+        parsed = parse_qs(body, keep_blank_values=True)
+        form = {k: v[0] for k, v in parsed.items()}
+        grant_type = form.get("grant_type", "")
+        fault = await self._take_fault(
+            "backend-token" if grant_type == "client_credentials" else "token"
+        )
+        if fault:
+            error = "temporarily_unavailable" if fault.status == 503 else "server_error"
+            return JSONResponse(
+                {"error": error, "error_description": "injected fault"},
+                status_code=fault.status,
+                headers={"Cache-Control": "no-store"},
+            )
+        try:
+            if content_type != "application/x-www-form-urlencoded":
+                raise _OAuthError(
+                    "invalid_request", "the body must be application/x-www-form-urlencoded"
+                )
+            if any(len(v) > 1 for v in parsed.values()):
+                raise _OAuthError("invalid_request", "a parameter was repeated")
+            if grant_type == "authorization_code":
+                return await self._token_code(form)
+            if grant_type == "client_credentials":
+                return await self._token_backend(form)
+            raise _OAuthError("unsupported_grant_type", f"grant_type {grant_type!r}")
+        except _OAuthError as err:
+            return self._token_error(err)
+
+    async def _authenticate_client(self, form: dict[str, str], *, require_assertion: bool) -> str:
+        assertion_type = form.get("client_assertion_type")
+        assertion = form.get("client_assertion")
+        if assertion_type or assertion:
+            if assertion_type != JWT_BEARER:
+                raise _OAuthError(
+                    "invalid_client", f"client_assertion_type must be {JWT_BEARER}", 401
+                )
+            if not assertion:
+                raise _OAuthError("invalid_client", "client_assertion is missing", 401)
+            return await self._verify_assertion(assertion, form.get("client_id"))
+        if require_assertion:
+            raise _OAuthError(
+                "invalid_client", "client authentication with private_key_jwt is required", 401
+            )
+        client_id = form.get("client_id")
+        if client_id != self.smart_client_id:
+            raise _OAuthError("invalid_client", f"unknown client_id {client_id!r}", 401)
+        return client_id
+
+    async def _client_jwks(self, *, refresh: bool) -> dict[str, Any]:
+        assert self.connector_jwks_url is not None
+        with self._lock:
+            cached = self._jwks_cache
+        if cached and not refresh and self.clock() - cached[0] < JWKS_CACHE_TTL:
+            return cached[1]
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(self.connector_jwks_url)
+                response.raise_for_status()
+                jwks = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise _OAuthError(
+                "invalid_client", f"could not fetch the client's JWKS: {exc}", 401
+            ) from exc
+        if not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list):
+            raise _OAuthError("invalid_client", "the client's JWKS is not a JWK Set", 401)
+        with self._lock:
+            self._jwks_cache = (self.clock(), jwks)
+        return jwks
+
+    async def _assertion_keys(self, kid: str | None, alg: str) -> list[Any]:
+        kty = "RSA" if alg.startswith("RS") else "EC"
+        for refresh in (False, True):
+            jwks = await self._client_jwks(refresh=refresh)
+            keys = []
+            for jwk in jwks["keys"]:
+                if not isinstance(jwk, dict) or jwk.get("kty") != kty:
+                    continue
+                if kid is not None and jwk.get("kid") != kid:
+                    continue
+                if jwk.get("alg") not in (None, alg) or jwk.get("use") not in (None, "sig"):
+                    continue
+                try:
+                    keys.append(jwt.PyJWK(jwk, algorithm=alg).key)
+                except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
+                    continue
+            if keys:
+                return keys
+        raise _OAuthError("invalid_client", "no matching key in the client's JWKS", 401)
+
+    async def _verify_assertion(self, assertion: str, client_id_param: str | None) -> str:
+        def bad(why: str) -> _OAuthError:
+            return _OAuthError("invalid_client", f"client_assertion rejected: {why}", 401)
+
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise bad("not a JWT") from exc
+        alg = header.get("alg")
+        if alg not in ASSERTION_ALGS:
+            raise bad(f"alg must be one of {', '.join(ASSERTION_ALGS)}")
+        iss, sub = unverified.get("iss"), unverified.get("sub")
+        if iss != self.smart_client_id or sub != iss:
+            raise bad("iss and sub must both be the registered client_id")
+        if client_id_param is not None and client_id_param != iss:
+            raise bad("client_id does not match the assertion's iss")
+        if self.connector_jwks_url is None:
+            raise bad("no JWKS URL is registered for this client")
+        kid = header.get("kid")
+        claims: dict[str, Any] | None = None
+        for key in await self._assertion_keys(kid if isinstance(kid, str) else None, alg):
+            try:
+                claims = jwt.decode(
+                    assertion,
+                    key,
+                    algorithms=[alg],
+                    audience=self.token_endpoint,
+                    options={
+                        "verify_exp": False,
+                        "verify_iat": False,
+                        "verify_nbf": False,
+                        "require": ["iss", "sub", "aud", "exp", "jti"],
+                    },
+                )
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidAudienceError as exc:
+                raise bad(f"aud must be the token endpoint {self.token_endpoint}") from exc
+            except jwt.PyJWTError as exc:
+                raise bad(str(exc)) from exc
+        if claims is None:
+            raise bad("signature verification failed")
+        now = self.clock()
+        exp = claims["exp"]
+        if not isinstance(exp, int | float):
+            raise bad("exp must be a number")
+        if exp <= now - CLOCK_SKEW:
+            raise bad("expired")
+        if exp > now + ASSERTION_MAX_LIFETIME + CLOCK_SKEW:
+            raise bad("exp must be at most 5 minutes in the future")
+        nbf = claims.get("nbf")
+        if isinstance(nbf, int | float) and nbf > now + CLOCK_SKEW:
+            raise bad("not yet valid (nbf)")
+        jti = claims["jti"]
+        if not isinstance(jti, str) or not jti:
+            raise bad("jti must be a non-empty string")
+        with self._lock:
+            for key_ in [k for k, v in self._jtis.items() if v < now - CLOCK_SKEW]:
+                del self._jtis[key_]
+            if jti in self._jtis:
+                raise bad("jti was already used (replay)")
+            self._jtis[jti] = float(exp)
+        return str(iss)
+
+    def _new_access_token(self, info: _AccessToken) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            now = self.clock()
+            for key in [k for k, v in self._tokens.items() if v.expires_at + 3600 < now]:
+                del self._tokens[key]
+            self._tokens[token] = info
+        return token
+
+    def _sub(self, fhir_user: str) -> str:
+        return "ehr-user-" + hashlib.sha256(f"sandbox:{fhir_user}".encode()).hexdigest()[:24]
+
+    async def _token_code(self, form: dict[str, str]) -> Response:
+        client_id = await self._authenticate_client(
+            form, require_assertion=self.require_client_assertion
+        )
+        method = "private_key_jwt" if form.get("client_assertion") else "none"
+        code = form.get("code")
+        if not code:
+            raise _OAuthError("invalid_request", "code is required")
+        now = self.clock()
+        with self._lock:
+            grant = self._codes.get(code)
+            if grant is None:
+                raise _OAuthError("invalid_grant", "unknown authorization code")
+            if grant.used:
+                for token in grant.access_tokens:
+                    if token in self._tokens:
+                        self._tokens[token].revoked = True
+                raise _OAuthError(
+                    "invalid_grant", "authorization code already used; its tokens are revoked"
+                )
+            grant.used = True
+        if grant.expires_at <= now:
+            raise _OAuthError("invalid_grant", "authorization code expired")
+        if grant.client_id != client_id:
+            raise _OAuthError("invalid_grant", "code was issued to another client")
+        if form.get("redirect_uri") != grant.redirect_uri:
+            raise _OAuthError("invalid_grant", "redirect_uri does not match the authorize request")
+        verifier = form.get("code_verifier")
+        if not verifier:
+            raise _OAuthError("invalid_grant", "code_verifier is required (PKCE)")
+        if not _PKCE_VERIFIER_RE.match(verifier) or not secrets.compare_digest(
+            _b64url_sha256(verifier), grant.code_challenge
+        ):
+            raise _OAuthError("invalid_grant", "PKCE verification failed")
+
+        ctx = grant.launch
+        access = self._new_access_token(
+            _AccessToken(
+                kind="user",
+                client_id=client_id,
+                scopes=frozenset(grant.scopes),
+                expires_at=now + USER_TOKEN_TTL,
+                patient_id=ctx.patient_id if ctx else None,
+            )
+        )
+        with self._lock:
+            grant.access_tokens.append(access)
+            self.token_requests.append({"grant_type": "authorization_code", "auth": method})
+        body: dict[str, Any] = {
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": USER_TOKEN_TTL,
+            "scope": " ".join(grant.scopes),
+        }
+        if "openid" in grant.scopes and ("fhirUser" in grant.scopes or "profile" in grant.scopes):
+            claims: dict[str, Any] = {
+                "iss": self.fhir_base,
+                "aud": client_id,
+                "sub": self._sub(grant.fhir_user),
+                "fhirUser": f"{self.fhir_base}/{grant.fhir_user}",
+                "iat": int(now),
+                "auth_time": int(now),
+                "exp": int(now) + USER_TOKEN_TTL,
+            }
+            if grant.nonce:
+                claims["nonce"] = grant.nonce
+            body["id_token"] = jwt.encode(
+                claims, self._key, algorithm="RS256", headers={"kid": self._kid}
+            )
+        elif "openid" in grant.scopes:
+            claims = {
+                "iss": self.fhir_base,
+                "aud": client_id,
+                "sub": self._sub(grant.fhir_user),
+                "iat": int(now),
+                "exp": int(now) + USER_TOKEN_TTL,
+            }
+            if grant.nonce:
+                claims["nonce"] = grant.nonce
+            body["id_token"] = jwt.encode(
+                claims, self._key, algorithm="RS256", headers={"kid": self._kid}
+            )
+        if ctx is not None:
+            body["patient"] = ctx.patient_id
+            if ctx.encounter_id:
+                body["encounter"] = ctx.encounter_id
+            fhir_context: list[dict[str, Any]] = [
+                {"reference": f"Appointment/{ctx.appointment_id}"}
+            ]
+            if ctx.conference_id:
+                fhir_context.append(
+                    {
+                        "identifier": {
+                            "system": seed.CONFERENCE_ID_SYSTEM,
+                            "value": ctx.conference_id,
+                        }
+                    }
+                )
+            body["fhirContext"] = fhir_context
+            body["need_patient_banner"] = False
+            body["smart_style_url"] = f"{self.base_url}/smart-style.json"
+        else:
+            body["need_patient_banner"] = True
+        return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    async def _token_backend(self, form: dict[str, str]) -> Response:
+        client_id = await self._authenticate_client(form, require_assertion=True)
+        scopes = form.get("scope", "").split()
+        if not scopes:
+            raise _OAuthError("invalid_scope", "scope is required")
+        for scope in scopes:
+            match = _SCOPE_RE.match(scope)
+            if not match or match.group(1) != "system" or not match.group(3):
+                raise _OAuthError(
+                    "invalid_scope", f"{scope!r}: backend services take system/ scopes only"
+                )
+        access = self._new_access_token(
+            _AccessToken(
+                kind="system",
+                client_id=client_id,
+                scopes=frozenset(scopes),
+                expires_at=self.clock() + SYSTEM_TOKEN_TTL,
+            )
+        )
+        with self._lock:
+            self.token_requests.append(
+                {"grant_type": "client_credentials", "auth": "private_key_jwt"}
+            )
+        return JSONResponse(
+            {
+                "access_token": access,
+                "token_type": "Bearer",
+                "expires_in": SYSTEM_TOKEN_TTL,
+                "scope": " ".join(scopes),
+            },
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+        )
+
+    # --- FHIR -----------------------------------------------------------------------------------
+
+    def _lookup(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        if rtype == "Patient" and rid in seed.PATIENTS:
+            return seed.patient_resource(seed.PATIENTS[rid])
+        if rtype == "Practitioner" and rid in seed.PRACTITIONERS:
+            return seed.practitioner_resource(seed.PRACTITIONERS[rid])
+        if rtype == "Appointment" and rid in seed.APPOINTMENTS:
+            return seed.appointment_resource(seed.APPOINTMENTS[rid])
+        if rtype == "Encounter" and rid in seed.ENCOUNTERS:
+            return seed.encounter_resource(rid)
+        if rtype == "AuditEvent":
+            with self._lock:
+                event = self._audit_by_id.get(rid)
+            return dict(event) if event else None
+        return None
+
+    @staticmethod
+    def _in_patient_compartment(resource: dict[str, Any], patient_id: str | None) -> bool:
+        if patient_id is None:
+            return False
+        rtype = resource["resourceType"]
+        ref = f"Patient/{patient_id}"
+        if rtype == "Patient":
+            return bool(resource["id"] == patient_id)
+        if rtype == "Practitioner":
+            return True
+        if rtype == "Appointment":
+            return any(
+                p.get("actor", {}).get("reference") == ref for p in resource.get("participant", [])
+            )
+        if rtype == "Encounter":
+            return bool(resource.get("subject", {}).get("reference") == ref)
+        return False
+
+    async def _fhir_read(self, request: Request) -> Response:
+        fault = await self._take_fault("fhir")
+        if fault:
+            return _outcome(fault.status, "transient", "injected fault")
+        info, denied = self._bearer(request)
+        if denied or info is None:
+            return denied or _outcome(401, "login", "unauthorized")
+        rtype, rid = request.path_params["rtype"], request.path_params["rid"]
+        if rtype not in READABLE_TYPES:
+            return _outcome(404, "not-supported", f"Resource type {rtype} is not supported")
+        contexts = self._allowed_contexts(info.scopes, rtype, "read")
+        if not contexts:
+            return _outcome(403, "forbidden", f"The token's scopes do not allow reading {rtype}")
+        if rtype == "AuditEvent" and info.kind != "system":
+            return _outcome(403, "forbidden", "AuditEvent reads need a system token")
+        resource = self._lookup(rtype, rid)
+        if resource is None:
+            return _outcome(404, "not-found", f"{rtype}/{rid} is not known")
+        if contexts == {"patient"} and not self._in_patient_compartment(resource, info.patient_id):
+            return _outcome(403, "forbidden", "Outside the launch patient's compartment")
+        return Response(json.dumps(resource), media_type=FHIR_JSON)
+
+    async def _post_audit_event(self, request: Request) -> Response:
+        fault = await self._take_fault("auditevent")
+        if fault:
+            return _outcome(fault.status, "transient", "injected fault")
+        info, denied = self._bearer(request)
+        if denied or info is None:
+            return denied or _outcome(401, "login", "unauthorized")
+        if not self._allowed_contexts(info.scopes, "AuditEvent", "create"):
+            return _outcome(403, "forbidden", "The token's scopes do not allow creating AuditEvent")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("application/fhir+json", "application/json"):
+            return _outcome(415, "not-supported", "Content-Type must be application/fhir+json")
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            return _outcome(400, "structure", "The body is not JSON")
+        if not isinstance(body, dict) or body.get("resourceType") != "AuditEvent":
+            return _outcome(400, "structure", "The body must be an AuditEvent resource")
+        missing = [k for k in ("type", "recorded", "agent", "source") if not body.get(k)]
+        if missing:
+            return _outcome(400, "required", f"AuditEvent is missing: {', '.join(missing)}")
+        from fhir.resources.R4B.auditevent import AuditEvent  # heavy; only this path needs it
+
+        try:
+            AuditEvent.model_validate(body)
+        except ValueError as exc:
+            return _outcome(400, "invalid", f"Invalid AuditEvent: {exc}")
+        new_id = uuid.uuid4().hex
+        stored = dict(body)
+        created = {**body, "id": new_id, "meta": {"versionId": "1"}}
+        with self._lock:
+            self.audit_events.append(stored)
+            self._audit_by_id[new_id] = created
+        return Response(
+            json.dumps(created),
+            status_code=201,
+            media_type=FHIR_JSON,
+            headers={"Location": f"{self.fhir_base}/AuditEvent/{new_id}/_history/1"},
+        )
+
+    # --- Epic -----------------------------------------------------------------------------------
+
+    async def _epic_status(self, request: Request) -> Response:
+        fault = await self._take_fault("epic")
+        if fault:
+            return JSONResponse({"Message": "injected fault"}, status_code=fault.status)
+        info, denied = self._bearer(request)
+        if denied or info is None:
+            return denied or JSONResponse({"Message": "unauthorized"}, status_code=401)
+        if info.kind != "system":
+            return JSONResponse(
+                {"Message": "a backend services (system) token is required"}, status_code=403
+            )
+        params: dict[str, Any] = dict(request.query_params)
+        raw = await request.body()
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                return JSONResponse({"Message": "The body is not JSON"}, status_code=400)
+            if not isinstance(body, dict):
+                return JSONResponse({"Message": "The body must be a JSON object"}, status_code=400)
+            params.update(body)
+        present = {k.lower() for k, v in params.items() if v not in (None, "")}
+        missing = [p for p in EPIC_REQUIRED_PARAMS if p.lower() not in present]
+        if missing:
+            return JSONResponse(
+                {"Message": f"Missing parameters: {', '.join(missing)}"}, status_code=400
+            )
+        with self._lock:
+            self.epic_status_calls.append(params)
+        return JSONResponse({})
+
+    # --- the human page ---------------------------------------------------------------------------
+
+    async def _home(self, request: Request) -> Response:
+        config_id = request.query_params.get("config") or self.default_config_id
+        rows = []
+        ordered = sorted(seed.APPOINTMENTS.values(), key=lambda a: (a.start(), a.id))
+        for appt in ordered:
+            patient = seed.PATIENTS[appt.patient_id]
+            clinician = seed.PRACTITIONERS[appt.practitioner_id]
+            kind = html.escape(appt.visit_type)
+            if appt.conference_id:
+                kind += ' <span class="badge">group visit</span>'
+            if config_id:
+                buttons = []
+                for role, label in _LAUNCH_BUTTONS:
+                    url = self.launch_url(config_id, appointment_id=appt.id, user=role)
+                    buttons.append(
+                        f'<a class="launch" data-role="{role}" '
+                        f'data-appointment="{html.escape(appt.id)}" '
+                        f'href="{html.escape(url)}">{html.escape(label)}</a>'
+                    )
+                actions = "<br>".join(buttons)
+            else:
+                actions = "<em>set a config id above</em>"
+            rows.append(
+                f'<tr data-appointment="{html.escape(appt.id)}">'
+                f"<td>{appt.start():%H:%M}-{appt.end():%H:%M} UTC</td>"
+                f"<td>{html.escape(patient.name)}</td>"
+                f"<td>{html.escape(clinician.name)}</td><td>{kind}</td><td>{actions}</td></tr>"
+            )
+        form = (
+            '<form method="get" action="/"><label>Connector config id '
+            f'<input name="config" value="{html.escape(config_id or "")}"></label> '
+            "<button type=submit>Use</button></form>"
+        )
+        body = (
+            f"{form}<p>FHIR base: <code>{html.escape(self.fhir_base)}</code></p>"
+            "<table class=appointments><thead><tr><th>Time</th><th>Patient</th>"
+            "<th>Clinician</th><th>Type</th><th>Virtual visit</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+        return _page("Sandbox EHR — today's appointments", body)
