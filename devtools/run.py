@@ -1,0 +1,117 @@
+"""``make run``: Azurite + the sandbox (EHR, Entra ID, Graph/Teams) + the connector, as a live demo.
+
+Prints the sandbox EHR page to open (click "Start virtual visit" as clinician or patient), the
+connector URL and a portal token for trying the configuration API. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _connector_env(public_url: str, storage: str, sandbox_settings: dict[str, str]) -> dict[str, str]:
+    from devtools.dev_secrets import write_local_settings
+
+    settings_file = REPO_ROOT / "local.settings.json"
+    if write_local_settings(settings_file):
+        print(f"wrote {settings_file.name} with fresh development keys")
+    values: dict[str, str] = json.loads(settings_file.read_text())["Values"]
+    return {
+        **{k: str(v) for k, v in values.items()},
+        "CONNECTOR_PUBLIC_URL": public_url,
+        "CONNECTOR_STORAGE": storage,
+        "CONNECTOR_DEV_MODE": "1",
+        **sandbox_settings,
+    }
+
+
+def _seed_config(fhir_base: str, tenant_id: str, approver: str) -> str:
+    """An approved config for the sandbox EHR, so the demo's launch buttons work at once."""
+    from connector_core.bootstrap import get_container
+    from connector_core.domain.models import Environment, TenantConfig, utcnow
+
+    container = get_container()
+    now = utcnow()
+    existing = container.configs.find_id_by_url(tenant_id, Environment.TEST.value, fhir_base)
+    if existing:
+        return existing
+    config = TenantConfig(
+        id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        region=container.settings.region,
+        fhir_base_url=fhir_base,
+        approver_upn=approver,
+        environment=Environment.TEST,
+        created_at=now,
+        created_by="make-run-seed",
+        updated_at=now,
+    )
+    config = config.record_ehr_signin(by=approver, at=now).approve(by=approver, at=now)
+    container.configs.add(config)
+    return config.id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools.run", description=__doc__)
+    parser.add_argument("--port", type=int, default=7071, help="connector port (default 7071)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # The Azure SDK logs every storage request at INFO; keep the demo's console readable.
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+    from devtools.azurite import Azurite
+    from devtools.sandbox import Sandbox
+
+    public_url = f"http://127.0.0.1:{args.port}"
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    with Azurite() as azurite, Sandbox(connector_url=public_url, state_dir=REPO_ROOT / ".run") as sandbox:
+        env = _connector_env(public_url, azurite.connection_string, sandbox.connector_settings())
+        os.environ.update(env)
+
+        from connector_core.settings import Settings
+
+        Settings.from_environ()  # fail fast, naming the bad setting
+
+        import function_app
+        from devtools.host import LocalHost
+
+        with LocalHost(function_app.app, port=args.port):
+            tenant = next(iter(sandbox.entra.tenants.values()))
+            users = sandbox.entra.users_in(tenant.tid)
+            approver = next((u.upn for u in users if u.kind == "approver"), users[0].upn)
+            admin = next((u.upn for u in users if u.kind == "admin"), users[0].upn)
+            config_id = _seed_config(sandbox.fhir_base, tenant.tid, approver)
+            sandbox.ehr.default_config_id = config_id
+            token = sandbox.entra.mint_user_token(admin)
+            print(
+                "\n"
+                "  EHR virtual-visit connector: local demo\n"
+                f"  Open the sandbox EHR and click \"Start virtual visit\":  {sandbox.ehr_url}/\n"
+                f"  Connector:      {public_url}/api/health\n"
+                f"  Config id:      {config_id} (approved, tenant {tenant.name})\n"
+                f"  Entra (HTTPS):  {sandbox.entra_url}   Graph/Teams: {sandbox.graph_url}\n"
+                f"  Portal API:     curl -H \"Authorization: Bearer $TOKEN\" {public_url}/api/configs\n"
+                f"                  export TOKEN={token}\n"
+                "  Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            stop.wait()
+    print("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
