@@ -91,7 +91,7 @@ class Keyring:
         return _b64url(_SEAL_VERSION + nonce + ciphertext)
 
     def unseal(self, purpose: str, token: str, *, now: float | None = None) -> dict[str, Any]:
-        """``AuthenticationError`` when the token is forged, altered, of another purpose or expired."""
+        """``AuthenticationError`` if forged, altered, of another purpose or expired."""
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 

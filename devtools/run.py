@@ -19,7 +19,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _connector_env(public_url: str, storage: str, sandbox_settings: dict[str, str]) -> dict[str, str]:
+def _connector_env(
+    public_url: str, storage: str, sandbox_settings: dict[str, str]
+) -> dict[str, str]:
     from devtools.dev_secrets import write_local_settings
 
     settings_file = REPO_ROOT / "local.settings.json"
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    with Azurite() as azurite, Sandbox(connector_url=public_url, state_dir=REPO_ROOT / ".run") as sandbox:
+    with (
+        Azurite() as azurite,
+        Sandbox(connector_url=public_url, state_dir=REPO_ROOT / ".run") as sandbox,
+    ):
         env = _connector_env(public_url, azurite.connection_string, sandbox.connector_settings())
         os.environ.update(env)
 
@@ -99,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 "\n"
                 "  EHR virtual-visit connector: local demo\n"
-                f"  Open the sandbox EHR and click \"Start virtual visit\":  {sandbox.ehr_url}/\n"
+                f'  Open the sandbox EHR and click "Start virtual visit":  {sandbox.ehr_url}/\n'
                 f"  Connector:      {public_url}/api/health\n"
                 f"  Config id:      {config_id} (approved, tenant {tenant.name})\n"
                 f"  Entra (HTTPS):  {sandbox.entra_url}   Graph/Teams: {sandbox.graph_url}\n"
-                f"  Portal API:     curl -H \"Authorization: Bearer $TOKEN\" {public_url}/api/configs\n"
+                '  Portal API:     curl -H "Authorization: Bearer $TOKEN" '
+                f"{public_url}/api/configs\n"
                 f"                  export TOKEN={token}\n"
                 "  Ctrl-C stops everything.\n",
                 flush=True,
