@@ -1,0 +1,1 @@
+"""Project checkov checks (loaded with --external-checks-dir)."""

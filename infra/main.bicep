@@ -1,0 +1,208 @@
+// EHR virtual-visit connector: one regional deployment per call.
+//
+// Deploy at subscription scope; the template creates the region's resource group and everything
+// in it. Each geography (americas, emea, apac) is deployed separately and shares nothing with the
+// others: its own storage, Key Vault, identity, monitoring and Function App (data residency).
+//
+//   az deployment sub create --location westeurope --template-file infra/main.bicep \
+//       --parameters infra/main.emea.bicepparam
+//   azd up   (reads infra/main.parameters.json; set CONNECTOR_REGION and AZURE_LOCATION first)
+targetScope = 'subscription'
+
+@description('Geography this deployment serves; becomes CONNECTOR_REGION. Tenants of one region are never served by another.')
+@allowed([
+  'americas'
+  'emea'
+  'apac'
+])
+param region string
+
+@minLength(1)
+@description('Azure region for every resource of this deployment (must support Flex Consumption and lie in the geography).')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@maxLength(40)
+@description('Name of the environment (azd sets AZURE_ENV_NAME). Empty: connector.')
+param environmentName string = ''
+
+@description('Resource group to create. Empty: rg-<environmentName>, with -<region> appended unless the name already contains the region.')
+param resourceGroupName string = ''
+
+@description('External base URL of this deployment without trailing slash (custom domain or Front Door). Empty: https://<function app default host name>.')
+param publicUrl string = ''
+
+@description('Optional: where the browser returns after the approver\'s EHR sign-in (CONNECTOR_PORTAL_URL).')
+param portalUrl string = ''
+
+@description('Application (client) id of the connector\'s multi-tenant Entra app registration (ENTRA_CLIENT_ID).')
+param entraClientId string = ''
+
+@description('Audience of portal access tokens (ENTRA_API_AUDIENCE). Empty: api://<entraClientId>.')
+param entraApiAudience string = ''
+
+@description('Entra authority host (ENTRA_AUTHORITY_HOST).')
+param entraAuthorityHost string = 'https://login.microsoftonline.com'
+
+@description('Microsoft Graph base URL (GRAPH_BASE_URL).')
+param graphBaseUrl string = 'https://graph.microsoft.com'
+
+@description('The connector\'s client id at the EHR (SMART_CLIENT_ID); a config may override it.')
+param smartClientId string = ''
+
+@description('Flex Consumption instance memory in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Flex Consumption maximum number of instances.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Replication of the storage account. Geo-redundant SKUs replicate to the paired region, which lies in the same geography.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSkuName string = 'Standard_GRS'
+
+@description('Log Analytics retention in days.')
+@minValue(30)
+@maxValue(730)
+param logRetentionInDays int = 90
+
+@description('Object id of the operator (user) running the deployment (azd sets AZURE_PRINCIPAL_ID). When set, it may write the Key Vault secrets. Leave empty in pipelines.')
+param principalId string = ''
+
+@description('Type of principalId.')
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param principalType string = 'User'
+
+var envName = empty(environmentName) ? 'connector' : environmentName
+var resourceToken = toLower(uniqueString(subscription().id, envName, region, location))
+var tags = {
+  'azd-env-name': envName
+  'connector-region': region
+  application: 'ehr-virtual-visit-connector'
+}
+var functionAppName = 'func-connector-${region}-${resourceToken}'
+var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : (contains(envName, region) ? 'rg-${envName}' : 'rg-${envName}-${region}')
+  location: location
+  tags: tags
+}
+
+module identity 'core/security/managed-identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: 'id-connector-${region}-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module monitoring 'core/monitor/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: 'log-connector-${region}-${resourceToken}'
+    applicationInsightsName: 'appi-connector-${region}-${resourceToken}'
+    location: location
+    tags: tags
+    retentionInDays: logRetentionInDays
+  }
+}
+
+module storage 'core/storage/storage-account.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: 'st${resourceToken}'
+    location: location
+    tags: tags
+    skuName: storageSkuName
+    deploymentContainerName: deploymentContainerName
+  }
+}
+
+module keyVault 'core/security/key-vault.bicep' = {
+  name: 'keyvault'
+  scope: rg
+  params: {
+    name: 'kv${resourceToken}'
+    location: location
+    tags: tags
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsWorkspaceId
+  }
+}
+
+module rbac 'app/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVault.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    appPrincipalId: identity.outputs.principalId
+    operatorPrincipalId: principalId
+    operatorPrincipalType: principalType
+  }
+}
+
+module functionApp 'app/function-app.bicep' = {
+  name: 'functionapp'
+  scope: rg
+  params: {
+    name: functionAppName
+    planName: 'plan-connector-${region}-${resourceToken}'
+    location: location
+    tags: tags
+    region: region
+    publicUrl: publicUrl
+    portalUrl: portalUrl
+    entraClientId: entraClientId
+    entraApiAudience: entraApiAudience
+    entraAuthorityHost: entraAuthorityHost
+    graphBaseUrl: graphBaseUrl
+    smartClientId: smartClientId
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    keyVaultName: keyVault.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+  }
+  // Role assignments first, so the app's first start can read Key Vault and storage.
+  dependsOn: [
+    rbac
+  ]
+}
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output CONNECTOR_REGION string = region
+output CONNECTOR_PUBLIC_URL string = functionApp.outputs.publicUrl
+output AZURE_FUNCTION_NAME string = functionApp.outputs.name
+output SERVICE_API_NAME string = functionApp.outputs.name
+output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name

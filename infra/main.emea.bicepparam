@@ -1,0 +1,17 @@
+// Parameters of the emea deployment (West Europe). The three main.<region>.bicepparam files differ
+// only in region and location (tests/infra checks this); everything else comes from the
+// environment, so one set of variables serves all three regions:
+//   az deployment sub create --location westeurope --template-file infra/main.bicep \
+//       --parameters infra/main.emea.bicepparam
+using './main.bicep'
+
+param region = 'emea'
+param location = 'westeurope'
+
+param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', '')
+param publicUrl = readEnvironmentVariable('CONNECTOR_PUBLIC_URL', '')
+param portalUrl = readEnvironmentVariable('CONNECTOR_PORTAL_URL', '')
+param entraClientId = readEnvironmentVariable('ENTRA_CLIENT_ID', '')
+param entraApiAudience = readEnvironmentVariable('ENTRA_API_AUDIENCE', '')
+param smartClientId = readEnvironmentVariable('SMART_CLIENT_ID', '')
+param principalId = readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')

@@ -1,0 +1,1 @@
+"""Tests of infra/: Bicep templates, parameter files and the infra-check runner."""
