@@ -46,6 +46,9 @@ class Sandbox:
         connector_jwks_url: str | None = None,
         state_dir: Path | None = None,
         portal_redirect_uris: tuple[str, ...] = (),
+        ehr_port: int = 0,
+        entra_port: int = 0,
+        graph_port: int = 0,
     ) -> None:
         from devtools.sandbox.ehr import SandboxEhr
 
@@ -55,8 +58,8 @@ class Sandbox:
             connector_jwks_url or f"{self.connector_url}/api/.well-known/jwks.json"
         )
         self._own_state_dir = state_dir is None
-        self.state_dir = Path(state_dir) if state_dir else Path(
-            tempfile.mkdtemp(prefix="vv-sandbox-")
+        self.state_dir = (
+            Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="vv-sandbox-"))
         )
         self.tls: SandboxTls = ensure_tls(self.state_dir / "sandbox-tls")
         self.ca_bundle: Path = self.tls.ca_bundle
@@ -68,18 +71,18 @@ class Sandbox:
         self.entra = SandboxEntra(
             client_id=entra_client_id,
             client_secret=entra_client_secret,
-            redirect_uris=[f"{self.connector_url}/api/launch/sso-callback",
-                           *portal_redirect_uris],
+            redirect_uris=[f"{self.connector_url}/api/launch/sso-callback", *portal_redirect_uris],
         )
         self.graph = SandboxGraph(entra=self.entra)
-        self._ehr_server = ServerThread(self.ehr.app, name="sandbox-ehr")
+        self._ehr_server = ServerThread(self.ehr.app, port=ehr_port, name="sandbox-ehr")
         self._entra_server = ServerThread(
             self.entra.app,
+            port=entra_port,
             certfile=str(self.tls.server_cert),
             keyfile=str(self.tls.server_key),
             name="sandbox-entra",
         )
-        self._graph_server = ServerThread(self.graph.app, name="sandbox-graph")
+        self._graph_server = ServerThread(self.graph.app, port=graph_port, name="sandbox-graph")
         self.ehr_url: str = self._ehr_server.url
         self.entra_url: str = self._entra_server.url
         self.graph_url: str = self._graph_server.url

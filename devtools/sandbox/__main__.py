@@ -21,15 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connector-url", default="http://127.0.0.1:7071")
     parser.add_argument("--smart-client-id", default="vv-connector-local")
     parser.add_argument(
-        "--state-dir", type=Path, default=REPO_ROOT / ".run",
+        "--state-dir",
+        type=Path,
+        default=REPO_ROOT / ".run",
         help="where the local CA and server certificate are kept (default: .run/)",
     )
+    for name in ("ehr", "entra", "graph"):
+        parser.add_argument(f"--{name}-port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Sandbox(connector_url=args.connector_url, smart_client_id=args.smart_client_id,
-                 state_dir=args.state_dir) as sandbox:
+    with Sandbox(
+        connector_url=args.connector_url,
+        smart_client_id=args.smart_client_id,
+        state_dir=args.state_dir,
+        ehr_port=args.ehr_port,
+        entra_port=args.entra_port,
+        graph_port=args.graph_port,
+    ) as sandbox:
         print(f"EHR (SMART on FHIR)  {sandbox.ehr_url}   FHIR base {sandbox.fhir_base}")
         print(f"Entra ID (HTTPS)     {sandbox.entra_url}")
         print(f"Graph / Teams        {sandbox.graph_url}")

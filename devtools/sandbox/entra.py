@@ -191,8 +191,9 @@ def _seed_users() -> dict[str, EntraUser]:
     users = [_make_user(contoso, "Leopoldine", "Achterberg", "admin", upn_local="admin")]
     for given, family, kind, prac in _ehr_people():
         local = "ehr.analyst" if kind == "approver" else None
-        users.append(_make_user(contoso, given, family, kind, upn_local=local,
-                                practitioner_id=prac))
+        users.append(
+            _make_user(contoso, given, family, kind, upn_local=local, practitioner_id=prac)
+        )
     users += [
         _make_user(fabrikam, "Evander", "Muirhollow", "admin", upn_local="admin"),
         _make_user(fabrikam, "Ottoline", "Brackenridge", "approver", upn_local="ehr.analyst"),
@@ -534,7 +535,9 @@ class SandboxEntra:
             rogue = SigningKey.generate()
             body = self.portal_claims(**_portal_kwargs(claims))
             return jwt.encode(
-                body, rogue.private_key, algorithm="RS256",
+                body,
+                rogue.private_key,
+                algorithm="RS256",
                 headers={"typ": "JWT", "kid": rogue.kid, "x5t": rogue.x5t},
             )
         if kind == "alg_none":
@@ -569,8 +572,9 @@ class SandboxEntra:
 
     def graph_token_claims(self, tid: str, *, client_id: str | None = None) -> dict[str, Any]:
         client_id = client_id or self.client_id
-        claims = self._base_claims(tid=tid, iss=self.issuer_v1(tid), aud=GRAPH_AUDIENCE,
-                                   lifetime=3599)
+        claims = self._base_claims(
+            tid=tid, iss=self.issuer_v1(tid), aud=GRAPH_AUDIENCE, lifetime=3599
+        )
         sp = self.service_principal_oid(tid, client_id)
         claims.update(
             {
@@ -598,8 +602,9 @@ class SandboxEntra:
 
     def mint_notification_validation_token(self, tid: str) -> str:
         """A ``validationTokens`` entry of a rich Graph notification (aud = our app id)."""
-        claims = self._base_claims(tid=tid, iss=self.issuer_v1(tid), aud=self.client_id,
-                                   lifetime=3600)
+        claims = self._base_claims(
+            tid=tid, iss=self.issuer_v1(tid), aud=self.client_id, lifetime=3600
+        )
         claims.update(
             {
                 "appid": GRAPH_CHANGE_TRACKING_APP_ID,
@@ -685,7 +690,8 @@ class SandboxEntra:
                 return None
             fault = queue.pop(0)
         body = fault.body or _aadsts_body(
-            "temporarily_unavailable" if fault.status >= 500 or fault.status == 429
+            "temporarily_unavailable"
+            if fault.status >= 500 or fault.status == 429
             else "invalid_request",
             50196 if fault.status == 429 else 90033,
             "The server is temporarily unavailable (sandbox fault injection).",
@@ -738,11 +744,15 @@ class SandboxEntra:
         host = self._host(request)
         rows = []
         for ten in self.tenants.values():
-            rows.append(f"<h2>{html.escape(ten.name)}</h2><p>tenant id <code>{ten.tid}</code>, "
-                        f"authority <code>{host}/{ten.tid}</code></p><ul>")
+            rows.append(
+                f"<h2>{html.escape(ten.name)}</h2><p>tenant id <code>{ten.tid}</code>, "
+                f"authority <code>{host}/{ten.tid}</code></p><ul>"
+            )
             for u in self.users_in(ten.tid):
-                rows.append(f"<li>{html.escape(u.display_name)} &lt;{html.escape(u.upn)}&gt; "
-                            f"({u.kind}) oid <code>{u.oid}</code></li>")
+                rows.append(
+                    f"<li>{html.escape(u.display_name)} &lt;{html.escape(u.upn)}&gt; "
+                    f"({u.kind}) oid <code>{u.oid}</code></li>"
+                )
             rows.append("</ul>")
         return HTMLResponse(_page("Entra ID (sandbox)", "".join(rows)))
 
@@ -761,7 +771,9 @@ class SandboxEntra:
         config = {
             "token_endpoint": f"{host}/{seg}/oauth2/v2.0/token",
             "token_endpoint_auth_methods_supported": [
-                "client_secret_post", "private_key_jwt", "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+                "client_secret_basic",
             ],
             "jwks_uri": f"{host}/{seg}/discovery/v2.0/keys",
             "response_modes_supported": ["query", "fragment", "form_post"],
@@ -777,9 +789,24 @@ class SandboxEntra:
             "frontchannel_logout_supported": True,
             "end_session_endpoint": f"{host}/{seg}/oauth2/v2.0/logout",
             "claims_supported": [
-                "sub", "iss", "cloud_instance_name", "cloud_instance_host_name",
-                "cloud_graph_host_name", "msgraph_host", "aud", "exp", "iat", "auth_time",
-                "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash", "c_hash",
+                "sub",
+                "iss",
+                "cloud_instance_name",
+                "cloud_instance_host_name",
+                "cloud_graph_host_name",
+                "msgraph_host",
+                "aud",
+                "exp",
+                "iat",
+                "auth_time",
+                "acr",
+                "nonce",
+                "preferred_username",
+                "name",
+                "tid",
+                "ver",
+                "at_hash",
+                "c_hash",
                 "email",
             ],
             "code_challenge_methods_supported": ["plain", "S256"],
@@ -880,40 +907,51 @@ class SandboxEntra:
         client_id = params.get("client_id", "")
         if not client_id:
             return self._error_page(
-                "Bad request", 900144,
+                "Bad request",
+                900144,
                 "The request body must contain the following parameter: 'client_id'.",
             )
         if client_id != self.client_id:
             return self._error_page(
-                "Application not found", 700016,
+                "Application not found",
+                700016,
                 f"Application with identifier '{client_id}' was not found in the directory.",
             )
         redirect_uri = params.get("redirect_uri", "")
         if redirect_uri not in self.redirect_uris:
             return self._error_page(
-                "Redirect URI mismatch", 50011,
+                "Redirect URI mismatch",
+                50011,
                 f"The redirect URI '{redirect_uri}' specified in the request does not match the "
                 f"redirect URIs configured for the application '{self.client_id}'.",
             )
         if params.get("response_type") != "code":
             return self._error_redirect(
-                params, "unsupported_response_type", 700054,
+                params,
+                "unsupported_response_type",
+                700054,
                 "response_type is not supported by this sandbox; use 'code'.",
             )
         if not params.get("scope"):
             return self._error_redirect(
-                params, "invalid_request", 900144,
+                params,
+                "invalid_request",
+                900144,
                 "The request body must contain the following parameter: 'scope'.",
             )
         method = params.get("code_challenge_method")
         if params.get("code_challenge") and method not in (None, "S256", "plain"):
             return self._error_redirect(
-                params, "invalid_request", 501491,
+                params,
+                "invalid_request",
+                501491,
                 "Invalid size of Code_Challenge parameter or unsupported code_challenge_method.",
             )
         if params.get("prompt") == "none":
             return self._error_redirect(
-                params, "login_required", 50058,
+                params,
+                "login_required",
+                50058,
                 "A silent sign-in request was sent but no user is signed in.",
             )
         request_id = secrets.token_urlsafe(24)
@@ -923,17 +961,25 @@ class SandboxEntra:
         return HTMLResponse(self._picker(request, tenant, tid, request_id, params))
 
     def _picker(
-        self, request: Request, tenant: str, tid: str | None, request_id: str,
+        self,
+        request: Request,
+        tenant: str,
+        tid: str | None,
+        request_id: str,
         params: Mapping[str, str],
     ) -> str:
         host = self._host(request)
         hint = params.get("login_hint", "").lower()
         tenants = [self.tenants[tid]] if tid else list(self.tenants.values())
-        parts = [f"<p>Signing in to <strong>{html.escape(self.app_name)}</strong>. "
-                 "Pick an account (sandbox: no password).</p>"]
+        parts = [
+            f"<p>Signing in to <strong>{html.escape(self.app_name)}</strong>. "
+            "Pick an account (sandbox: no password).</p>"
+        ]
         for ten in tenants:
-            parts.append(f'<h2 class="tenant" data-tid="{ten.tid}">{html.escape(ten.name)}</h2>'
-                         '<ul class="accounts">')
+            parts.append(
+                f'<h2 class="tenant" data-tid="{ten.tid}">{html.escape(ten.name)}</h2>'
+                '<ul class="accounts">'
+            )
             users = sorted(self.users_in(ten.tid), key=lambda u: (u.upn.lower() != hint, u.upn))
             for u in users:
                 href = f"{host}/{tenant}/oauth2/v2.0/authorize/select?" + urlencode(
@@ -945,7 +991,7 @@ class SandboxEntra:
                     f'<li><a class="{classes}" data-upn="{html.escape(u.upn)}" '
                     f'data-oid="{u.oid}" data-tid="{u.tid}" data-kind="{u.kind}"{hinted} '
                     f'href="{html.escape(href)}">{html.escape(u.display_name)}'
-                    f' <small>{html.escape(u.upn)}</small></a></li>'
+                    f" <small>{html.escape(u.upn)}</small></a></li>"
                 )
             parts.append("</ul>")
         return _page("Sign in to your account (sandbox)", "".join(parts))
@@ -959,20 +1005,24 @@ class SandboxEntra:
             pending = self._pending.pop(request_id, None)
         if pending is None:
             return self._error_page(
-                "Sign-in request expired", 50011 if not request_id else 700005,
+                "Sign-in request expired",
+                50011 if not request_id else 700005,
                 "This sign-in request is no longer valid. Go back to the application and start "
                 "again.",
             )
         user = self.users.get(oid)
         if user is None or (pending.tid is not None and user.tid != pending.tid):
             return self._error_page(
-                "Account not in this tenant", 50020,
+                "Account not in this tenant",
+                50020,
                 "User account does not exist in the tenant and cannot access the application.",
             )
         params = pending.params
         if user.disabled:
             return self._error_redirect(
-                params, "access_denied", 50057,
+                params,
+                "access_denied",
+                50057,
                 "The user account is disabled. The user object in Active Directory backing this "
                 "account has been disabled.",
             )
@@ -986,7 +1036,8 @@ class SandboxEntra:
                 code_challenge=params.get("code_challenge"),
                 code_challenge_method=(
                     params.get("code_challenge_method") or "plain"
-                    if params.get("code_challenge") else None
+                    if params.get("code_challenge")
+                    else None
                 ),
                 oid=user.oid,
                 tid=user.tid,
@@ -1029,12 +1080,14 @@ class SandboxEntra:
                 body = self._grant_client_credentials(form, tid, tenant)
             elif not grant:
                 raise _OAuthError(
-                    "invalid_request", 900144,
+                    "invalid_request",
+                    900144,
                     "The request body must contain the following parameter: 'grant_type'.",
                 )
             else:
                 raise _OAuthError(
-                    "unsupported_grant_type", 70003,
+                    "unsupported_grant_type",
+                    70003,
                     f"The app requested an unsupported grant type '{grant}'.",
                 )
         except _OAuthError as err:
@@ -1052,17 +1105,20 @@ class SandboxEntra:
                 decoded = base64.b64decode(auth[6:]).decode()
                 basic_id, _, basic_secret = decoded.partition(":")
             except Exception as exc:
-                raise _OAuthError("invalid_client", 7000216, "Malformed client authentication.",
-                                  401) from exc
+                raise _OAuthError(
+                    "invalid_client", 7000216, "Malformed client authentication.", 401
+                ) from exc
             client_id, secret = unquote_plus(basic_id), unquote_plus(basic_secret)
         if not client_id:
             raise _OAuthError(
-                "invalid_request", 900144,
+                "invalid_request",
+                900144,
                 "The request body must contain the following parameter: 'client_id'.",
             )
         if client_id != self.client_id:
             raise _OAuthError(
-                "unauthorized_client", 700016,
+                "unauthorized_client",
+                700016,
                 f"Application with identifier '{client_id}' was not found in the directory "
                 f"'{tenant}'.",
             )
@@ -1070,7 +1126,8 @@ class SandboxEntra:
         if secret is not None:
             if not secrets.compare_digest(secret.encode(), self.client_secret.encode()):
                 raise _OAuthError(
-                    "invalid_client", 7000215,
+                    "invalid_client",
+                    7000215,
                     "Invalid client secret provided. Ensure the secret being sent in the request "
                     f"is the client secret value, not the client secret ID, for a secret added to "
                     f"app '{self.client_id}'.",
@@ -1080,7 +1137,8 @@ class SandboxEntra:
             self._check_assertion(assertion, form, request)
         else:
             raise _OAuthError(
-                "invalid_client", 7000218,
+                "invalid_client",
+                7000218,
                 "The request body must contain the following parameter: 'client_assertion' or "
                 "'client_secret'.",
                 401,
@@ -1096,7 +1154,10 @@ class SandboxEntra:
         for public_key in self.client_certificates:
             try:
                 claims = jwt.decode(
-                    assertion, public_key, algorithms=["RS256", "PS256"], audience=audience,
+                    assertion,
+                    public_key,
+                    algorithms=["RS256", "PS256"],
+                    audience=audience,
                     options={"require": ["exp", "aud", "iss", "sub"]},
                 )
             except jwt.PyJWTError:
@@ -1104,8 +1165,10 @@ class SandboxEntra:
             if claims.get("iss") == claims.get("sub") == self.client_id:
                 return
         raise _OAuthError(
-            "invalid_client", 700027,
-            "Client assertion failed signature validation.", 401,
+            "invalid_client",
+            700027,
+            "Client assertion failed signature validation.",
+            401,
         )
 
     def _grant_code(self, form: dict[str, str], tid: str | None, client_id: str) -> dict[str, Any]:
@@ -1117,43 +1180,50 @@ class SandboxEntra:
                 code.used = True  # consumed by any redemption attempt, good or bad
         if code is None:
             raise _OAuthError(
-                "invalid_grant", 9002313,
+                "invalid_grant",
+                9002313,
                 "Invalid request. Request is malformed or invalid. (The provided value for the "
                 "'code' parameter is not valid.)",
             )
         if not first_use:
             raise _OAuthError(
-                "invalid_grant", 54005,
+                "invalid_grant",
+                54005,
                 "OAuth2 Authorization code was already redeemed, please retry with a new valid "
                 "code or use an existing refresh token.",
             )
         if time.monotonic() - code.issued > CODE_LIFETIME:
             raise _OAuthError(
-                "invalid_grant", 70008,
+                "invalid_grant",
+                70008,
                 "The provided authorization code or refresh token has expired due to inactivity.",
             )
         if code.client_id != client_id:
             raise _OAuthError(
-                "invalid_grant", 70000,
+                "invalid_grant",
+                70000,
                 "The provided value for the 'code' parameter is not valid. The code was issued to "
                 "a different client.",
             )
         if form.get("redirect_uri", "") != code.redirect_uri:
             raise _OAuthError(
-                "invalid_grant", 500112,
+                "invalid_grant",
+                500112,
                 f"The reply address '{form.get('redirect_uri', '')}' does not match the reply "
                 f"address '{code.redirect_uri}' provided when requesting Authorization code.",
             )
         if tid is not None and tid != code.tid:
             raise _OAuthError(
-                "invalid_grant", 50196,
+                "invalid_grant",
+                50196,
                 "The code was issued for a different tenant than the token endpoint's.",
             )
         if code.code_challenge is not None:
             verifier = form.get("code_verifier")
             if not verifier:
                 raise _OAuthError(
-                    "invalid_grant", 50148,
+                    "invalid_grant",
+                    50148,
                     "The code_verifier does not match the code_challenge supplied in the "
                     "authorization request for PKCE.",
                 )
@@ -1163,7 +1233,8 @@ class SandboxEntra:
                 computed = verifier
             if not secrets.compare_digest(computed, code.code_challenge):
                 raise _OAuthError(
-                    "invalid_grant", 501481,
+                    "invalid_grant",
+                    501481,
                     "The Code_Verifier does not match the code_challenge supplied in the "
                     "authorization request.",
                 )
@@ -1181,8 +1252,9 @@ class SandboxEntra:
         with self._lock:
             grant = self._refresh.get(form.get("refresh_token", ""))
         if grant is None or grant.client_id != client_id or (tid and tid != grant.tid):
-            raise _OAuthError("invalid_grant", 9002313,
-                              "Invalid request. The refresh token is not valid.")
+            raise _OAuthError(
+                "invalid_grant", 9002313, "Invalid request. The refresh token is not valid."
+            )
         user = self.users[grant.oid]
         if user.disabled:
             raise _OAuthError("invalid_grant", 50057, "The user account is disabled.")
@@ -1196,41 +1268,61 @@ class SandboxEntra:
         api_prefixes = (f"api://{client_id}/", f"{client_id}/")
         if resource_scopes and all(s.startswith(api_prefixes) for s in resource_scopes):
             names = " ".join(s.rsplit("/", 1)[-1] for s in resource_scopes)
-            access = self._sign(self.portal_claims(
-                tid=user.tid, oid=user.oid, roles=user.roles, scp=names,
-            ))
+            access = self._sign(
+                self.portal_claims(
+                    tid=user.tid,
+                    oid=user.oid,
+                    roles=user.roles,
+                    scp=names,
+                )
+            )
             granted = " ".join(resource_scopes)
         elif any(s.startswith(api_prefixes) for s in resource_scopes):
             raise _OAuthError(
-                "invalid_scope", 70011,
+                "invalid_scope",
+                70011,
                 "The provided request must include a 'scope' input parameter for a single "
                 "resource.",
             )
         else:
             short = [s.rsplit("/", 1)[-1] for s in resource_scopes]
             graph_names = [n for n in short if n != ".default"] or ["User.Read"]
-            claims = self._base_claims(tid=user.tid, iss=self.issuer_v1(user.tid),
-                                       aud=GRAPH_APP_ID, lifetime=3599)
-            claims.update({
-                "appid": client_id, "app_displayname": self.app_name, "appidacr": "1",
-                "idtyp": "user", "name": user.display_name, "oid": user.oid,
-                "family_name": user.surname, "given_name": user.given_name,
-                "scp": " ".join(graph_names), "sub": self._pairwise_sub(user.oid, GRAPH_APP_ID),
-                "unique_name": user.upn, "upn": user.upn, "ver": "1.0",
-            })
+            claims = self._base_claims(
+                tid=user.tid, iss=self.issuer_v1(user.tid), aud=GRAPH_APP_ID, lifetime=3599
+            )
+            claims.update(
+                {
+                    "appid": client_id,
+                    "app_displayname": self.app_name,
+                    "appidacr": "1",
+                    "idtyp": "user",
+                    "name": user.display_name,
+                    "oid": user.oid,
+                    "family_name": user.surname,
+                    "given_name": user.given_name,
+                    "scp": " ".join(graph_names),
+                    "sub": self._pairwise_sub(user.oid, GRAPH_APP_ID),
+                    "unique_name": user.upn,
+                    "upn": user.upn,
+                    "ver": "1.0",
+                }
+            )
             access = self._sign(claims)
             granted = " ".join(f"{GRAPH_AUDIENCE}/{n}" for n in graph_names)
         granted = " ".join([*(s for s in ("openid", "profile", "email") if s in scopes), granted])
-        id_claims = self._base_claims(tid=user.tid, iss=self.issuer(user.tid), aud=client_id,
-                                      lifetime=3600)
-        id_claims.update({
-            "name": user.display_name,
-            "oid": user.oid,
-            "preferred_username": user.upn,
-            "sid": str(uuid.uuid5(_NS, f"sid|{user.oid}")),
-            "sub": self._pairwise_sub(user.oid, client_id),
-            "ver": "2.0",
-        })
+        id_claims = self._base_claims(
+            tid=user.tid, iss=self.issuer(user.tid), aud=client_id, lifetime=3600
+        )
+        id_claims.update(
+            {
+                "name": user.display_name,
+                "oid": user.oid,
+                "preferred_username": user.upn,
+                "sid": str(uuid.uuid5(_NS, f"sid|{user.oid}")),
+                "sub": self._pairwise_sub(user.oid, client_id),
+                "ver": "2.0",
+            }
+        )
         if nonce is not None:
             id_claims["nonce"] = nonce
         body: dict[str, Any] = {
@@ -1254,20 +1346,23 @@ class SandboxEntra:
     ) -> dict[str, Any]:
         if tid is None:
             raise _OAuthError(
-                "invalid_request", 50059,
+                "invalid_request",
+                50059,
                 f"No tenant-identifying information found in either the request or implied by "
                 f"any provided credentials ('{tenant}' is not a tenant).",
             )
         scope = form.get("scope", "").strip()
         if not scope:
             raise _OAuthError(
-                "invalid_request", 900144,
+                "invalid_request",
+                900144,
                 "The request body must contain the following parameter: 'scope'.",
             )
         scopes = scope.split()
         if len(scopes) != 1 or not scopes[0].endswith("/.default"):
             raise _OAuthError(
-                "invalid_scope", 1002012,
+                "invalid_scope",
+                1002012,
                 f"The provided value for scope {scope} is not valid. Client credential flows "
                 "must have a scope value with /.default suffixed to the resource identifier "
                 "(application ID URI).",
@@ -1283,20 +1378,24 @@ class SandboxEntra:
             token = self._sign(claims)
         else:
             raise _OAuthError(
-                "invalid_resource", 500011,
+                "invalid_resource",
+                500011,
                 f"The resource principal named {resource} was not found in the tenant named "
                 f"{self.tenants[tid].name}.",
             )
-        return {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599,
-                "access_token": token}
+        return {
+            "token_type": "Bearer",
+            "expires_in": 3599,
+            "ext_expires_in": 3599,
+            "access_token": token,
+        }
 
     async def _logout(self, request: Request) -> Response:
         target = request.query_params.get("post_logout_redirect_uri", "")
         allowed = {f"{urlsplit(u).scheme}://{urlsplit(u).netloc}" for u in self.redirect_uris}
         if target and f"{urlsplit(target).scheme}://{urlsplit(target).netloc}" in allowed:
             return RedirectResponse(target, status_code=302)
-        return HTMLResponse(_page("Signed out (sandbox)", "<p>You signed out of your account."
-                                  "</p>"))
+        return HTMLResponse(_page("Signed out (sandbox)", "<p>You signed out of your account.</p>"))
 
 
 class _CloseConnections:
@@ -1349,8 +1448,7 @@ _STYLE = (
 
 def _page(title: str, body: str) -> str:
     return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )
-

@@ -133,8 +133,9 @@ class Participant:
     def identity(self) -> dict[str, Any]:
         """communicationsIdentitySet in the PascalCase of meeting call events."""
         if self.identity_kind == "user":
-            return {"User": {"Id": self.oid, "DisplayName": self.display_name,
-                             "TenantId": self.tid}}
+            return {
+                "User": {"Id": self.oid, "DisplayName": self.display_name, "TenantId": self.tid}
+            }
         if self.identity_kind == "acs":
             return {
                 "AzureCommunicationServicesUser": {
@@ -253,6 +254,11 @@ class Delivery:
         return self.status is not None and 200 <= self.status < 300
 
     @property
+    def slow(self) -> bool:
+        """Graph expects an answer within 3 s; slower endpoints get throttled and dropped."""
+        return self.latency_ms is not None and self.latency_ms > 3000
+
+    @property
     def event_type(self) -> str | None:
         return None if self.event is None else str(self.event.get("eventType"))
 
@@ -363,8 +369,9 @@ class SandboxGraph:
             if self._worker is not None and self._worker.is_alive():
                 return
             self._client = httpx.Client(timeout=self.delivery_timeout, trust_env=True)
-            self._worker = threading.Thread(target=self._deliver_loop, name="graph-notify",
-                                            daemon=True)
+            self._worker = threading.Thread(
+                target=self._deliver_loop, name="graph-notify", daemon=True
+            )
             self._worker.start()
 
     def close(self) -> None:
@@ -410,6 +417,8 @@ class SandboxGraph:
         with self._lock:
             self._reorder_armed = True
 
+    reorder = reorder_next
+
     def release_held(self) -> None:
         """Send a notification held by :meth:`reorder_next` (if nothing followed it)."""
         with self._lock:
@@ -449,8 +458,12 @@ class SandboxGraph:
             "lifecycleEvent": event,
             "resource": sub.resource,
         }
-        delivery = Delivery(kind="lifecycle", url=sub.lifecycle_notification_url,
-                            subscription_id=sub.id, body={"value": [item]})
+        delivery = Delivery(
+            kind="lifecycle",
+            url=sub.lifecycle_notification_url,
+            subscription_id=sub.id,
+            body={"value": [item]},
+        )
         self._enqueue(delivery)
         return delivery
 
@@ -483,8 +496,12 @@ class SandboxGraph:
                 self._cond.wait(left)
 
     def notifications(self, subscription_id: str | None = None) -> list[Delivery]:
-        return [d for d in self.deliveries if d.kind == "notification"
-                and (subscription_id is None or d.subscription_id == subscription_id)]
+        return [
+            d
+            for d in self.deliveries
+            if d.kind == "notification"
+            and (subscription_id is None or d.subscription_id == subscription_id)
+        ]
 
     def reset(self) -> None:
         """Forget faults, policies and test hooks (meetings and subscriptions stay)."""
@@ -531,8 +548,11 @@ class SandboxGraph:
             if role == "organizer":
                 oid = meeting.organizer_oid
             elif role == "staff" and oid is None:
-                staff = [u for u in self.entra.users_in(meeting.tid)
-                         if u.oid != meeting.organizer_oid and u.kind in ("staff", "clinician")]
+                staff = [
+                    u
+                    for u in self.entra.users_in(meeting.tid)
+                    if u.oid != meeting.organizer_oid and u.kind in ("staff", "clinician")
+                ]
                 if not staff:
                     raise ValueError("no staff user to join as")
                 oid = staff[0].oid
@@ -540,13 +560,18 @@ class SandboxGraph:
                 assert oid is not None
                 user = self.entra.users[oid]
                 participant = Participant(
-                    id=str(uuid.uuid4()), role=role, display_name=user.display_name,
-                    identity_kind="user", oid=user.oid, tid=user.tid,
+                    id=str(uuid.uuid4()),
+                    role=role,
+                    display_name=user.display_name,
+                    identity_kind="user",
+                    oid=user.oid,
+                    tid=user.tid,
                 )
             else:
                 kind: IdentityKind = identity or "guest"
                 participant = Participant(
-                    id=str(uuid.uuid4()), role="guest",
+                    id=str(uuid.uuid4()),
+                    role="guest",
                     display_name=(display_name or "Guest").strip()[:100] or "Guest",
                     identity_kind=kind,
                     acs_id=f"8:acs:sandbox-acs-resource_{uuid.uuid4()}" if kind == "acs" else None,
@@ -668,8 +693,13 @@ class SandboxGraph:
             body["validationTokens"] = [self.entra.mint_notification_validation_token(sub.tid)]
         else:
             resource_data.update({k: v for k, v in event.items() if k not in resource_data})
-        return Delivery(kind="notification", url=sub.notification_url, subscription_id=sub.id,
-                        body=body, event=event)
+        return Delivery(
+            kind="notification",
+            url=sub.notification_url,
+            subscription_id=sub.id,
+            body=body,
+            event=event,
+        )
 
     def _enqueue_change(self, delivery: Delivery) -> None:
         with self._lock:
@@ -719,8 +749,10 @@ class SandboxGraph:
                 response = self._client.post(
                     delivery.url,
                     content=json.dumps(delivery.body).encode(),
-                    headers={"Content-Type": "application/json; charset=utf-8",
-                             "User-Agent": "Microsoft-Graph-Sandbox/1.0"},
+                    headers={
+                        "Content-Type": "application/json; charset=utf-8",
+                        "User-Agent": "Microsoft-Graph-Sandbox/1.0",
+                    },
                 )
                 delivery.status = response.status_code
                 delivery.response_text = response.text[:500]
@@ -736,15 +768,21 @@ class SandboxGraph:
 
     def _routes(self) -> list[Route]:
         api = [
-            Route("/{ver}/users/{oid}/onlineMeetings/createOrGet", self._create_or_get,
-                  methods=["POST"]),
-            Route("/{ver}/users/{oid}/onlineMeetings/{meeting_id}", self._get_meeting,
-                  methods=["GET"]),
+            Route(
+                "/{ver}/users/{oid}/onlineMeetings/createOrGet",
+                self._create_or_get,
+                methods=["POST"],
+            ),
+            Route(
+                "/{ver}/users/{oid}/onlineMeetings/{meeting_id}", self._get_meeting, methods=["GET"]
+            ),
             Route("/{ver}/subscriptions", self._subscriptions, methods=["GET", "POST"]),
-            Route("/{ver}/subscriptions/{sub_id}", self._subscription,
-                  methods=["GET", "PATCH", "DELETE"]),
-            Route("/{ver}/subscriptions/{sub_id}/reauthorize", self._reauthorize,
-                  methods=["POST"]),
+            Route(
+                "/{ver}/subscriptions/{sub_id}",
+                self._subscription,
+                methods=["GET", "PATCH", "DELETE"],
+            ),
+            Route("/{ver}/subscriptions/{sub_id}/reauthorize", self._reauthorize, methods=["POST"]),
         ]
         page = [
             Route("/", self._index),
@@ -783,17 +821,25 @@ class SandboxGraph:
         try:
             claims = self.entra.verify_token(auth[7:].strip(), audience=GRAPH_AUDIENCE)
         except jwt.ExpiredSignatureError as exc:
-            raise _ApiError(401, "InvalidAuthenticationToken",
-                            "Lifetime validation failed, the token is expired.") from exc
+            raise _ApiError(
+                401,
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            ) from exc
         except jwt.InvalidAudienceError as exc:
-            raise _ApiError(401, "InvalidAuthenticationToken",
-                            "Access token validation failure. Invalid audience.") from exc
+            raise _ApiError(
+                401,
+                "InvalidAuthenticationToken",
+                "Access token validation failure. Invalid audience.",
+            ) from exc
         except jwt.PyJWTError as exc:
-            raise _ApiError(401, "InvalidAuthenticationToken",
-                            f"Access token validation failure. {exc}") from exc
+            raise _ApiError(
+                401, "InvalidAuthenticationToken", f"Access token validation failure. {exc}"
+            ) from exc
         if claims.get("idtyp") != "app" and "roles" not in claims:
-            raise _ApiError(403, "Forbidden",
-                            "This API requires an application token (client credentials).")
+            raise _ApiError(
+                403, "Forbidden", "This API requires an application token (client credentials)."
+            )
         if not roles & set(claims.get("roles", [])):
             raise _ApiError(403, "Forbidden", "Insufficient privileges to complete the operation.")
         return claims
@@ -820,8 +866,9 @@ class SandboxGraph:
         try:
             body = json.loads(await request.body() or b"{}")
         except json.JSONDecodeError as exc:
-            raise _ApiError(400, "BadRequest", f"Unable to read JSON request payload: {exc}") \
-                from exc
+            raise _ApiError(
+                400, "BadRequest", f"Unable to read JSON request payload: {exc}"
+            ) from exc
         if not isinstance(body, dict):
             raise _ApiError(400, "BadRequest", "The request body must be a JSON object.")
         return body
@@ -851,8 +898,9 @@ class SandboxGraph:
         try:
             start = _parse_time(start_raw) if start_raw else _now()
             if end_raw and not start_raw:
-                raise _ApiError(400, "BadRequest",
-                                "endDateTime cannot be provided without startDateTime.")
+                raise _ApiError(
+                    400, "BadRequest", "endDateTime cannot be provided without startDateTime."
+                )
             end = _parse_time(end_raw) if end_raw else start + dt.timedelta(hours=1)
         except ValueError as exc:
             raise _ApiError(400, "BadRequest", f"Invalid date time: {exc}") from exc
@@ -862,21 +910,26 @@ class SandboxGraph:
         with self._lock:
             existing = self._by_external.get(key)
             if existing is not None:
-                return JSONResponse(self._meeting_json(self.meetings[existing], request),
-                                    status_code=200)
+                return JSONResponse(
+                    self._meeting_json(self.meetings[existing], request), status_code=200
+                )
             meeting = self._new_meeting(claims["tid"], oid, external_id, body, start, end)
         return JSONResponse(self._meeting_json(meeting, request), status_code=201)
 
     def _new_meeting(
-        self, tid: str, oid: str, external_id: str, body: dict[str, Any],
-        start: dt.datetime, end: dt.datetime,
+        self,
+        tid: str,
+        oid: str,
+        external_id: str,
+        body: dict[str, Any],
+        start: dt.datetime,
+        end: dt.datetime,
     ) -> Meeting:
         thread = f"19:meeting_{base64.b64encode(secrets.token_bytes(36)).decode()[:48]}@thread.v2"
         thread = thread.replace("+", "A").replace("/", "B")
         meeting_id = base64.urlsafe_b64encode(f"1*{oid}*0**{thread}".encode()).decode().rstrip("=")
         context = json.dumps({"Tid": tid, "Oid": oid}, separators=(",", ":"))
-        join = (f"{self.url}/l/meetup-join/{_teams_quote(thread)}/0"
-                f"?context={_teams_quote(context)}")
+        join = f"{self.url}/l/meetup-join/{_teams_quote(thread)}/0?context={_teams_quote(context)}"
         lobby = body.get("lobbyBypassSettings") or {}
         meeting = Meeting(
             id=meeting_id,
@@ -908,8 +961,10 @@ class SandboxGraph:
         body = meeting.request
         attendees = (body.get("participants") or {}).get("attendees") or []
         return {
-            "@odata.context": (f"{self.url}/{ver}/$metadata#users('{meeting.organizer_oid}')"
-                               "/onlineMeetings/$entity"),
+            "@odata.context": (
+                f"{self.url}/{ver}/$metadata#users('{meeting.organizer_oid}')"
+                "/onlineMeetings/$entity"
+            ),
             "id": meeting.id,
             "creationDateTime": _graph_time(meeting.created),
             "startDateTime": _graph_time(meeting.start),
@@ -941,8 +996,12 @@ class SandboxGraph:
                     "identity": {
                         "application": None,
                         "device": None,
-                        "user": {"id": organizer.oid, "displayName": None,
-                                 "tenantId": organizer.tid, "identityProvider": "AAD"},
+                        "user": {
+                            "id": organizer.oid,
+                            "displayName": None,
+                            "tenantId": organizer.tid,
+                            "identityProvider": "AAD",
+                        },
                     },
                 },
                 "attendees": attendees,
@@ -950,10 +1009,16 @@ class SandboxGraph:
                 "contributors": [],
             },
             "lobbyBypassSettings": meeting.lobby_bypass,
-            "joinMeetingIdSettings": {"isPasscodeRequired": False,
-                                      "joinMeetingId": meeting.meeting_code, "passcode": None},
-            "chatInfo": {"threadId": meeting.thread_id, "messageId": "0",
-                         "replyChainMessageId": None},
+            "joinMeetingIdSettings": {
+                "isPasscodeRequired": False,
+                "joinMeetingId": meeting.meeting_code,
+                "passcode": None,
+            },
+            "chatInfo": {
+                "threadId": meeting.thread_id,
+                "messageId": "0",
+                "replyChainMessageId": None,
+            },
             "chatRestrictions": None,
             "joinInformation": None,
             "watermarkProtection": None,
@@ -974,10 +1039,15 @@ class SandboxGraph:
 
     async def _subscriptions(self, request: Request) -> Response:
         if request.method == "GET":
+
             async def listing(req: Request, claims: dict[str, Any]) -> Response:
-                subs = [s.to_json(self.url) for s in self.subscriptions.values()
-                        if s.tid == claims["tid"] and s.application_id == claims.get("appid")
-                        and not s.deleted]
+                subs = [
+                    s.to_json(self.url)
+                    for s in self.subscriptions.values()
+                    if s.tid == claims["tid"]
+                    and s.application_id == claims.get("appid")
+                    and not s.deleted
+                ]
                 return JSONResponse({"value": subs})
 
             return await self._api(request, _READ_ROLES, listing)
@@ -989,7 +1059,8 @@ class SandboxGraph:
         )
         if not match:
             raise _ApiError(
-                400, "InvalidRequest",
+                400,
+                "InvalidRequest",
                 f"Resource '{resource}' is not supported. Use "
                 "communications/onlineMeetings/?$filter=JoinWebUrl eq '{joinWebUrl}'.",
             )
@@ -1000,29 +1071,37 @@ class SandboxGraph:
             try:
                 meeting = self.meeting_by_join_url(unquote(url))
             except KeyError:
-                raise _ApiError(404, "ResourceNotFound",
-                                "The online meeting for the given JoinWebUrl was not found.") \
-                    from None
+                raise _ApiError(
+                    404,
+                    "ResourceNotFound",
+                    "The online meeting for the given JoinWebUrl was not found.",
+                ) from None
         if meeting.tid != tid:
-            raise _ApiError(404, "ResourceNotFound",
-                            "The online meeting for the given JoinWebUrl was not found.")
+            raise _ApiError(
+                404,
+                "ResourceNotFound",
+                "The online meeting for the given JoinWebUrl was not found.",
+            )
         return meeting
 
     def _check_expiration(self, value: Any) -> dt.datetime:
         if not isinstance(value, str) or not value:
-            raise _ApiError(400, "ExtensionError",
-                            "expirationDateTime is a required property for subscription creation.")
+            raise _ApiError(
+                400,
+                "ExtensionError",
+                "expirationDateTime is a required property for subscription creation.",
+            )
         try:
             expiration = _parse_time(value)
         except ValueError as exc:
             raise _ApiError(400, "BadRequest", f"Invalid expirationDateTime: {exc}") from exc
         now = _now()
         if expiration <= now:
-            raise _ApiError(400, "ExtensionError",
-                            "Subscription expiration must be in the future.")
+            raise _ApiError(400, "ExtensionError", "Subscription expiration must be in the future.")
         if expiration > now + dt.timedelta(minutes=self.max_subscription_minutes):
             raise _ApiError(
-                400, "ExtensionError",
+                400,
+                "ExtensionError",
                 f"Subscription expiration can only be {self.max_subscription_minutes} minutes "
                 "in the future.",
             )
@@ -1032,61 +1111,81 @@ class SandboxGraph:
         body = await self._json_body(request)
         change_type = body.get("changeType")
         if not change_type:
-            raise _ApiError(400, "ExtensionError",
-                            "changeType is a required property for subscription creation.")
+            raise _ApiError(
+                400,
+                "ExtensionError",
+                "changeType is a required property for subscription creation.",
+            )
         if {c.strip() for c in str(change_type).split(",")} != {"updated"}:
-            raise _ApiError(400, "ExtensionError",
-                            f"ChangeType '{change_type}' is not supported for this resource; "
-                            "use 'updated'.")
+            raise _ApiError(
+                400,
+                "ExtensionError",
+                f"ChangeType '{change_type}' is not supported for this resource; use 'updated'.",
+            )
         notification_url = body.get("notificationUrl")
         if not isinstance(notification_url, str) or not notification_url.startswith(
             ("https://", "http://")
         ):
-            raise _ApiError(400, "ExtensionError",
-                            "notificationUrl is a required property and must be an absolute URL.")
+            raise _ApiError(
+                400,
+                "ExtensionError",
+                "notificationUrl is a required property and must be an absolute URL.",
+            )
         lifecycle_url = body.get("lifecycleNotificationUrl")
         if lifecycle_url is not None and (
             not isinstance(lifecycle_url, str)
             or not lifecycle_url.startswith(("https://", "http://"))
         ):
-            raise _ApiError(400, "ExtensionError",
-                            "lifecycleNotificationUrl must be an absolute URL.")
+            raise _ApiError(
+                400, "ExtensionError", "lifecycleNotificationUrl must be an absolute URL."
+            )
         resource = body.get("resource")
         if not isinstance(resource, str) or not resource:
-            raise _ApiError(400, "ExtensionError",
-                            "resource is a required property for subscription creation.")
+            raise _ApiError(
+                400, "ExtensionError", "resource is a required property for subscription creation."
+            )
         meeting = self._resolve_resource(resource, claims["tid"])
         expiration = self._check_expiration(body.get("expirationDateTime"))
         client_state = body.get("clientState")
-        if client_state is not None and (not isinstance(client_state, str)
-                                         or len(client_state) > 128):
-            raise _ApiError(400, "ExtensionError",
-                            "clientState must be a string of at most 128 characters.")
+        if client_state is not None and (
+            not isinstance(client_state, str) or len(client_state) > 128
+        ):
+            raise _ApiError(
+                400, "ExtensionError", "clientState must be a string of at most 128 characters."
+            )
         include = bool(body.get("includeResourceData", False))
         cert: x509.Certificate | None = None
         if include:
-            cert_b64, cert_id = body.get("encryptionCertificate"), body.get(
-                "encryptionCertificateId"
+            cert_b64, cert_id = (
+                body.get("encryptionCertificate"),
+                body.get("encryptionCertificateId"),
             )
             if not cert_b64 or not cert_id:
                 raise _ApiError(
-                    400, "ExtensionError",
+                    400,
+                    "ExtensionError",
                     "encryptionCertificate and encryptionCertificateId are required when "
                     "includeResourceData is true.",
                 )
             try:
                 cert = load_encryption_certificate(str(cert_b64))
             except Exception as exc:
-                raise _ApiError(400, "ExtensionError",
-                                f"encryptionCertificate is not a valid base64 X.509 "
-                                f"certificate: {exc}") from exc
+                raise _ApiError(
+                    400,
+                    "ExtensionError",
+                    f"encryptionCertificate is not a valid base64 X.509 certificate: {exc}",
+                ) from exc
             key = cert.public_key()
             if not isinstance(key, rsa.RSAPublicKey) or not 2048 <= key.key_size <= 4096:
-                raise _ApiError(400, "ExtensionError",
-                                "The encryption certificate key must be RSA, 2048 to 4096 bits.")
+                raise _ApiError(
+                    400,
+                    "ExtensionError",
+                    "The encryption certificate key must be RSA, 2048 to 4096 bits.",
+                )
             if len(str(cert_id)) > 128:
-                raise _ApiError(400, "ExtensionError",
-                                "encryptionCertificateId can be up to 128 characters.")
+                raise _ApiError(
+                    400, "ExtensionError", "encryptionCertificateId can be up to 128 characters."
+                )
         for url in (notification_url, lifecycle_url):
             if url is not None:
                 await self._validate_endpoint(url)
@@ -1120,15 +1219,24 @@ class SandboxGraph:
         )
         sep = "&" if "?" in url else "?"
         target = f"{url}{sep}validationToken={quote(token, safe='')}"
-        delivery = Delivery(kind="validation", url=target, subscription_id=None, body=None,
-                            attempts=1, validation_token=token)
+        delivery = Delivery(
+            kind="validation",
+            url=target,
+            subscription_id=None,
+            body=None,
+            attempts=1,
+            validation_token=token,
+        )
         started = time.perf_counter()
         try:
             async with httpx.AsyncClient(timeout=VALIDATION_TIMEOUT, trust_env=True) as client:
                 response = await client.post(
-                    target, content=b"",
-                    headers={"Content-Type": "text/plain; charset=utf-8",
-                             "User-Agent": "Microsoft-Graph-Sandbox/1.0"},
+                    target,
+                    content=b"",
+                    headers={
+                        "Content-Type": "text/plain; charset=utf-8",
+                        "User-Agent": "Microsoft-Graph-Sandbox/1.0",
+                    },
                 )
             delivery.status = response.status_code
             delivery.response_text = response.text[:500]
@@ -1148,17 +1256,23 @@ class SandboxGraph:
             self._cond.notify_all()
         if delivery.error is not None:
             raise _ApiError(
-                400, "InvalidRequest",
+                400,
+                "InvalidRequest",
                 "Subscription validation request failed. Notification endpoint must respond with "
                 f"200 OK to validation request. ({delivery.error})",
             )
 
     def _own_subscription(self, claims: Mapping[str, Any], sub_id: str) -> Subscription:
         sub = self.subscriptions.get(sub_id)
-        if sub is None or sub.deleted or sub.tid != claims["tid"] \
-                or sub.application_id != claims.get("appid"):
+        if (
+            sub is None
+            or sub.deleted
+            or sub.tid != claims["tid"]
+            or sub.application_id != claims.get("appid")
+        ):
             raise _ApiError(
-                404, "ResourceNotFound",
+                404,
+                "ResourceNotFound",
                 f"Resource '{sub_id}' does not exist or one of its queried reference-property "
                 "objects are not present.",
             )
@@ -1174,17 +1288,21 @@ class SandboxGraph:
                     sub.deleted = True
                 return Response(status_code=204)
             body = await self._json_body(req)
-            if sub.removed:
-                raise _ApiError(404, "ResourceNotFound",
-                                f"Resource '{sub.id}' does not exist (subscription removed).")
+            if sub.removed or sub.expiration <= _now():
+                raise _ApiError(
+                    404,
+                    "ResourceNotFound",
+                    f"Resource '{sub.id}' does not exist (subscription removed).",
+                )
             expiration = self._check_expiration(body.get("expirationDateTime"))
             cert = sub.certificate
             if body.get("encryptionCertificate"):
                 try:
                     cert = load_encryption_certificate(str(body["encryptionCertificate"]))
                 except Exception as exc:
-                    raise _ApiError(400, "ExtensionError",
-                                    f"encryptionCertificate is not valid: {exc}") from exc
+                    raise _ApiError(
+                        400, "ExtensionError", f"encryptionCertificate is not valid: {exc}"
+                    ) from exc
             with self._lock:
                 sub.expiration = expiration
                 sub.reauthorized_at = _now()
@@ -1203,8 +1321,9 @@ class SandboxGraph:
         async def handler(req: Request, claims: dict[str, Any]) -> Response:
             sub = self._own_subscription(claims, req.path_params["sub_id"])
             if sub.removed or not sub.active:
-                raise _ApiError(404, "ResourceNotFound",
-                                f"Resource '{sub.id}' does not exist or has expired.")
+                raise _ApiError(
+                    404, "ResourceNotFound", f"Resource '{sub.id}' does not exist or has expired."
+                )
             with self._lock:
                 sub.reauthorized_at = _now()
             return Response(status_code=204)
@@ -1220,8 +1339,9 @@ class SandboxGraph:
             f" - {len(m.in_call())} in call, {len(m.in_lobby())} in lobby</li>"
             for m in self.meetings.values()
         )
-        return HTMLResponse(_page("Microsoft Graph / Teams (sandbox)",
-                                  f'<ul class="meetings">{rows}</ul>'))
+        return HTMLResponse(
+            _page("Microsoft Graph / Teams (sandbox)", f'<ul class="meetings">{rows}</ul>')
+        )
 
     def _page_url(self, meeting: Meeting, participant_id: str | None = None) -> str:
         url = f"{self.url}/sandbox/meetings/{meeting.id}"
@@ -1230,9 +1350,13 @@ class SandboxGraph:
     async def _join_page(self, request: Request) -> Response:
         meeting_id = self._by_thread.get(request.path_params["thread"])
         if meeting_id is None:
-            return HTMLResponse(_page("Teams meeting (sandbox)",
-                                      '<p class="error">This meeting link is not valid.</p>'),
-                                status_code=404)
+            return HTMLResponse(
+                _page(
+                    "Teams meeting (sandbox)",
+                    '<p class="error">This meeting link is not valid.</p>',
+                ),
+                status_code=404,
+            )
         meeting = self.meetings[meeting_id]
         anon = request.query_params.get("anon", "").lower() == "true"
         return HTMLResponse(self._render_join(meeting, guest_only=anon))
@@ -1247,14 +1371,18 @@ class SandboxGraph:
             '<button type="submit" class="join" data-role="guest">Join now</button></form>'
         )
         if guest_only:
-            body = ("<p>Join as a guest from your browser. No account or app needed.</p>" + guest)
-            return _page("Teams meeting (sandbox)", f'<div class="join-page" '
-                         f'data-meeting-id="{html.escape(meeting.id)}" data-mode="guest">'
-                         f"{body}</div>")
+            body = "<p>Join as a guest from your browser. No account or app needed.</p>" + guest
+            return _page(
+                "Teams meeting (sandbox)",
+                f'<div class="join-page" '
+                f'data-meeting-id="{html.escape(meeting.id)}" data-mode="guest">'
+                f"{body}</div>",
+            )
         organizer = self.entra.users[meeting.organizer_oid]
         staff_options = "".join(
             f'<option value="{u.oid}">{html.escape(u.display_name)}</option>'
-            for u in self.entra.users_in(meeting.tid) if u.oid != organizer.oid
+            for u in self.entra.users_in(meeting.tid)
+            if u.oid != organizer.oid
         )
         body = (
             f'<form class="join-organizer" method="post" action="{action}">'
@@ -1267,14 +1395,18 @@ class SandboxGraph:
             '<button type="submit" class="join" data-role="staff">Join as staff</button></form>'
             "<h2>Guest</h2>" + guest
         )
-        return _page("Teams meeting (sandbox)", f'<div class="join-page" '
-                     f'data-meeting-id="{html.escape(meeting.id)}" data-mode="all">{body}</div>')
+        return _page(
+            "Teams meeting (sandbox)",
+            f'<div class="join-page" '
+            f'data-meeting-id="{html.escape(meeting.id)}" data-mode="all">{body}</div>',
+        )
 
     async def _page_join(self, request: Request) -> Response:
         meeting = self.meetings.get(request.path_params["meeting_id"])
         if meeting is None:
-            return HTMLResponse(_page("Teams meeting (sandbox)", "<p>Unknown meeting.</p>"),
-                                status_code=404)
+            return HTMLResponse(
+                _page("Teams meeting (sandbox)", "<p>Unknown meeting.</p>"), status_code=404
+            )
         form = await _form(request)
         role = form.get("role", "guest")
         if role not in ("organizer", "staff", "guest"):
@@ -1282,8 +1414,12 @@ class SandboxGraph:
         oid = form.get("oid") or None
         if role == "staff" and (oid not in self.entra.users):
             oid = None
-        participant_id = self.join(meeting.id, role,  # type: ignore[arg-type]
-                                   oid=oid, display_name=form.get("displayName"))
+        participant_id = self.join(
+            meeting.id,
+            role,  # type: ignore[arg-type]
+            oid=oid,
+            display_name=form.get("displayName"),
+        )
         return RedirectResponse(self._page_url(meeting, participant_id), status_code=303)
 
     async def _page_admit(self, request: Request) -> Response:
@@ -1312,8 +1448,9 @@ class SandboxGraph:
     async def _meeting_page(self, request: Request) -> Response:
         meeting = self.meetings.get(request.path_params["meeting_id"])
         if meeting is None:
-            return HTMLResponse(_page("Teams meeting (sandbox)", "<p>Unknown meeting.</p>"),
-                                status_code=404)
+            return HTMLResponse(
+                _page("Teams meeting (sandbox)", "<p>Unknown meeting.</p>"), status_code=404
+            )
         me = meeting.participants.get(request.query_params.get("participant", ""))
         if me is None:
             return HTMLResponse(self._render_join(meeting, guest_only=False))
@@ -1327,9 +1464,11 @@ class SandboxGraph:
             head = '<meta http-equiv="refresh" content="2">'
             parts.append('<p class="lobby">Someone in the meeting should let you in soon.</p>')
         elif me.state == "left":
-            parts.append('<p class="left">You left the meeting.</p>'
-                         f'<p><a class="rejoin" href="{html.escape(meeting.join_web_url)}">'
-                         "Rejoin</a></p>")
+            parts.append(
+                '<p class="left">You left the meeting.</p>'
+                f'<p><a class="rejoin" href="{html.escape(meeting.join_web_url)}">'
+                "Rejoin</a></p>"
+            )
         else:
             head = '<meta http-equiv="refresh" content="3">'
             parts.append('<p class="in-meeting">You are in the meeting.</p>')
@@ -1361,19 +1500,28 @@ class SandboxGraph:
                 )
                 parts.append(f'<h2>Waiting in the lobby</h2><ul class="lobby">{items}</ul>')
         title = html.escape(meeting.subject or "Teams meeting")
-        return HTMLResponse(_page("Teams meeting (sandbox)", f"<h2>{title}</h2>" + "".join(parts),
-                                  head=head))
+        return HTMLResponse(
+            _page("Teams meeting (sandbox)", f"<h2>{title}</h2>" + "".join(parts), head=head)
+        )
 
 
 def _clone(delivery: Delivery) -> Delivery:
-    return Delivery(kind=delivery.kind, url=delivery.url, subscription_id=delivery.subscription_id,
-                    body=delivery.body, event=delivery.event)
+    return Delivery(
+        kind=delivery.kind,
+        url=delivery.url,
+        subscription_id=delivery.subscription_id,
+        body=delivery.body,
+        event=delivery.event,
+    )
 
 
 def _teams_quote(value: str) -> str:
     """Percent-encode as Teams join links do (lower-case escapes, ``@`` as %40)."""
-    return re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower() if m.group(0) != "%40" else "%40",
-                  quote(value, safe=""))
+    return re.sub(
+        r"%[0-9A-F]{2}",
+        lambda m: m.group(0).lower() if m.group(0) != "%40" else "%40",
+        quote(value, safe=""),
+    )
 
 
 def _normalize_join_url(url: str) -> str:
@@ -1397,7 +1545,7 @@ _STYLE = (
 
 def _page(title: str, body: str, *, head: str = "") -> str:
     return (
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>{head}<style>{_STYLE}</style></head>"
         f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
     )

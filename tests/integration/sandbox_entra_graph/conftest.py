@@ -76,14 +76,23 @@ class Receiver:
             return [item for r in self.received if r.path == path for item in r.body["value"]]
 
     def wait_items(
-        self, count: int, *, path: str = "/api/presence", subscription_id: str | None = None,
+        self,
+        count: int,
+        *,
+        path: str = "/api/presence",
+        subscription_id: str | None = None,
         timeout: float = 10.0,
     ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                items = [i for r in self.received if r.path == path for i in r.body["value"]
-                         if subscription_id is None or i["subscriptionId"] == subscription_id]
+                items = [
+                    i
+                    for r in self.received
+                    if r.path == path
+                    for i in r.body["value"]
+                    if subscription_id is None or i["subscriptionId"] == subscription_id
+                ]
                 if len(items) >= count:
                     return items
                 left = deadline - time.monotonic()
@@ -169,8 +178,9 @@ def graph_token(sandbox: Sandbox, tid: str) -> str:
 @pytest.fixture
 def contoso_graph(sandbox: Sandbox, contoso: str) -> httpx.Client:
     token = graph_token(sandbox, contoso)
-    return httpx.Client(base_url=sandbox.graph_url,
-                        headers={"Authorization": f"Bearer {token}"}, timeout=15)
+    return httpx.Client(
+        base_url=sandbox.graph_url, headers={"Authorization": f"Bearer {token}"}, timeout=15
+    )
 
 
 def account_links(page: str) -> dict[str, str]:
@@ -195,8 +205,11 @@ def encryption_cert() -> EncryptionCert:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "connector notifications")])
     now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=1))
         .not_valid_after(now + dt.timedelta(days=30))
         .sign(key, hashes.SHA256())

@@ -57,13 +57,19 @@ def _validate_portal(sandbox: Sandbox, token: str, tid: str) -> dict[str, Any]:
         raise jwt.InvalidAlgorithmError(header.get("alg"))
     key = _verifier_jwks(sandbox, tid).get_signing_key_from_jwt(token)
     claims: dict[str, Any] = jwt.decode(
-        token, key.key, algorithms=["RS256"], audience=f"api://{sandbox.entra.client_id}",
-        issuer=sandbox.entra.issuer(tid), options={"require": ["exp", "iss", "aud", "tid"]},
+        token,
+        key.key,
+        algorithms=["RS256"],
+        audience=f"api://{sandbox.entra.client_id}",
+        issuer=sandbox.entra.issuer(tid),
+        options={"require": ["exp", "iss", "aud", "tid"]},
     )
     return claims
 
 
-def test_discovery_follows_entra_layout(sandbox: Sandbox, https: httpx.Client, contoso: str) -> None:
+def test_discovery_follows_entra_layout(
+    sandbox: Sandbox, https: httpx.Client, contoso: str
+) -> None:
     host = sandbox.entra_url
     doc = https.get(f"{host}/{contoso}/v2.0/.well-known/openid-configuration").json()
     assert doc["issuer"] == f"{host}/{contoso}/v2.0"
@@ -77,8 +83,9 @@ def test_discovery_follows_entra_layout(sandbox: Sandbox, https: httpx.Client, c
         f"{host}/contosohealth.onmicrosoft.com/v2.0/.well-known/openid-configuration"
     ).json()
     assert by_domain["issuer"] == doc["issuer"]
-    missing = https.get(f"{host}/00000000-1111-2222-3333-444444444444/v2.0/.well-known/"
-                        "openid-configuration")
+    missing = https.get(
+        f"{host}/00000000-1111-2222-3333-444444444444/v2.0/.well-known/openid-configuration"
+    )
     assert missing.status_code == 400
     assert missing.json()["error_codes"] == [90002]
     keys = https.get(doc["jwks_uri"]).json()["keys"]
@@ -98,7 +105,8 @@ def test_msal_auth_code_flow_with_pkce_and_nonce(
     response = _pick(https, flow["auth_uri"], clinician.upn)
     assert response["state"] == flow["state"]
     assert json.loads(base64.urlsafe_b64decode(response["client_info"] + "==")) == {
-        "uid": clinician.oid, "utid": contoso,
+        "uid": clinician.oid,
+        "utid": contoso,
     }
     result = app.acquire_token_by_auth_code_flow(flow, response)  # msal checks state and nonce
     assert "error" not in result, result
@@ -111,8 +119,13 @@ def test_msal_auth_code_flow_with_pkce_and_nonce(
     assert claims["iss"] == sandbox.entra.issuer(contoso)
     # the id_token is really signed by a key of the JWKS
     key = _verifier_jwks(sandbox, contoso).get_signing_key_from_jwt(result["id_token"])
-    jwt.decode(result["id_token"], key.key, algorithms=["RS256"],
-               audience=sandbox.entra.client_id, issuer=sandbox.entra.issuer(contoso))
+    jwt.decode(
+        result["id_token"],
+        key.key,
+        algorithms=["RS256"],
+        audience=sandbox.entra.client_id,
+        issuer=sandbox.entra.issuer(contoso),
+    )
     accounts = app.get_accounts()
     assert accounts and accounts[0]["home_account_id"] == f"{clinician.oid}.{contoso}"
 
@@ -124,8 +137,13 @@ def test_msal_client_credentials_for_graph(
     result = app.acquire_token_for_client(["https://graph.microsoft.com/.default"])
     assert "access_token" in result, result
     key = _verifier_jwks(sandbox, fabrikam).get_signing_key_from_jwt(result["access_token"])
-    claims = jwt.decode(result["access_token"], key.key, algorithms=["RS256"],
-                        audience=GRAPH_AUDIENCE, issuer=f"https://sts.windows.net/{fabrikam}/")
+    claims = jwt.decode(
+        result["access_token"],
+        key.key,
+        algorithms=["RS256"],
+        audience=GRAPH_AUDIENCE,
+        issuer=f"https://sts.windows.net/{fabrikam}/",
+    )
     assert claims["tid"] == fabrikam
     assert claims["appid"] == sandbox.entra.client_id
     assert "OnlineMeetings.ReadWrite.All" in claims["roles"]
@@ -133,17 +151,26 @@ def test_msal_client_credentials_for_graph(
 
 
 def _manual_authorize(
-    sandbox: Sandbox, https: httpx.Client, tid: str, *, verifier: str, redirect_uri: str,
+    sandbox: Sandbox,
+    https: httpx.Client,
+    tid: str,
+    *,
+    verifier: str,
+    redirect_uri: str,
     upn: str | None = None,
 ) -> dict[str, str]:
-    challenge = base64.urlsafe_b64encode(
-        hashlib.sha256(verifier.encode()).digest()
-    ).rstrip(b"=").decode()
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     params = {
-        "client_id": sandbox.entra.client_id, "response_type": "code",
-        "redirect_uri": redirect_uri, "scope": "openid profile offline_access",
-        "state": secrets.token_urlsafe(16), "nonce": secrets.token_urlsafe(16),
-        "code_challenge": challenge, "code_challenge_method": "S256",
+        "client_id": sandbox.entra.client_id,
+        "response_type": "code",
+        "redirect_uri": redirect_uri,
+        "scope": "openid profile offline_access",
+        "state": secrets.token_urlsafe(16),
+        "nonce": secrets.token_urlsafe(16),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
     }
     url = f"{sandbox.entra_url}/{tid}/oauth2/v2.0/authorize?{urlencode(params)}"
     upn = upn or sandbox.entra.users_in(tid)[0].upn
@@ -153,22 +180,35 @@ def _manual_authorize(
 
 
 def _redeem(
-    sandbox: Sandbox, https: httpx.Client, tid: str, code: str, verifier: str,
-    redirect_uri: str, secret: str | None = None,
+    sandbox: Sandbox,
+    https: httpx.Client,
+    tid: str,
+    code: str,
+    verifier: str,
+    redirect_uri: str,
+    secret: str | None = None,
 ) -> httpx.Response:
-    return https.post(sandbox.entra.token_endpoint(tid), data={
-        "grant_type": "authorization_code", "client_id": sandbox.entra.client_id,
-        "client_secret": secret or sandbox.entra.client_secret, "code": code,
-        "redirect_uri": redirect_uri, "code_verifier": verifier, "scope": "openid profile",
-    })
+    return https.post(
+        sandbox.entra.token_endpoint(tid),
+        data={
+            "grant_type": "authorization_code",
+            "client_id": sandbox.entra.client_id,
+            "client_secret": secret or sandbox.entra.client_secret,
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+            "scope": "openid profile",
+        },
+    )
 
 
 def test_wrong_pkce_verifier_and_reused_code_are_refused(
     sandbox: Sandbox, https: httpx.Client, contoso: str
 ) -> None:
     verifier = secrets.token_urlsafe(48)
-    code = _manual_authorize(sandbox, https, contoso, verifier=verifier,
-                             redirect_uri=_callback(sandbox))["code"]
+    code = _manual_authorize(
+        sandbox, https, contoso, verifier=verifier, redirect_uri=_callback(sandbox)
+    )["code"]
     wrong = _redeem(sandbox, https, contoso, code, secrets.token_urlsafe(48), _callback(sandbox))
     assert wrong.status_code == 400
     assert wrong.json()["error"] == "invalid_grant"
@@ -177,8 +217,9 @@ def test_wrong_pkce_verifier_and_reused_code_are_refused(
     again = _redeem(sandbox, https, contoso, code, verifier, _callback(sandbox))
     assert again.json()["error_codes"] == [54005]
 
-    code = _manual_authorize(sandbox, https, contoso, verifier=verifier,
-                             redirect_uri=_callback(sandbox))["code"]
+    code = _manual_authorize(
+        sandbox, https, contoso, verifier=verifier, redirect_uri=_callback(sandbox)
+    )["code"]
     first = _redeem(sandbox, https, contoso, code, verifier, _callback(sandbox))
     assert first.status_code == 200, first.text
     assert first.json()["refresh_token"]
@@ -191,8 +232,13 @@ def test_wrong_pkce_verifier_and_reused_code_are_refused(
 def test_wrong_redirect_uri_and_client_are_refused(
     sandbox: Sandbox, https: httpx.Client, contoso: str
 ) -> None:
-    params = {"client_id": sandbox.entra.client_id, "response_type": "code",
-              "redirect_uri": "https://attacker.example/cb", "scope": "openid", "state": "s"}
+    params = {
+        "client_id": sandbox.entra.client_id,
+        "response_type": "code",
+        "redirect_uri": "https://attacker.example/cb",
+        "scope": "openid",
+        "state": "s",
+    }
     page = https.get(f"{sandbox.entra_url}/{contoso}/oauth2/v2.0/authorize?{urlencode(params)}")
     assert page.status_code == 400  # an error page, never a redirect to the unregistered URI
     assert "AADSTS50011" in page.text
@@ -201,16 +247,20 @@ def test_wrong_redirect_uri_and_client_are_refused(
     assert page.status_code == 400 and "AADSTS700016" in page.text
 
     verifier = secrets.token_urlsafe(48)
-    code = _manual_authorize(sandbox, https, contoso, verifier=verifier,
-                             redirect_uri=_callback(sandbox))["code"]
-    mismatch = _redeem(sandbox, https, contoso, code, verifier,
-                       f"{sandbox.connector_url}/api/other")
+    code = _manual_authorize(
+        sandbox, https, contoso, verifier=verifier, redirect_uri=_callback(sandbox)
+    )["code"]
+    mismatch = _redeem(
+        sandbox, https, contoso, code, verifier, f"{sandbox.connector_url}/api/other"
+    )
     assert mismatch.json()["error_codes"] == [500112]
 
-    code = _manual_authorize(sandbox, https, contoso, verifier=verifier,
-                             redirect_uri=_callback(sandbox))["code"]
-    bad_secret = _redeem(sandbox, https, contoso, code, verifier, _callback(sandbox),
-                         secret="wrong")
+    code = _manual_authorize(
+        sandbox, https, contoso, verifier=verifier, redirect_uri=_callback(sandbox)
+    )["code"]
+    bad_secret = _redeem(
+        sandbox, https, contoso, code, verifier, _callback(sandbox), secret="wrong"
+    )
     assert bad_secret.status_code == 401
     assert bad_secret.json()["error"] == "invalid_client"
 
@@ -220,10 +270,16 @@ def test_disabled_user_sign_in_is_denied(
 ) -> None:
     user = next(u for u in sandbox.entra.users_in(contoso) if u.kind == "clinician")
     sandbox.entra.set_user_disabled(user.oid, True)
-    params = {"client_id": sandbox.entra.client_id, "response_type": "code",
-              "redirect_uri": _callback(sandbox), "scope": "openid", "state": "st-1"}
-    response = _pick(https, f"{sandbox.entra_url}/{contoso}/oauth2/v2.0/authorize?"
-                     f"{urlencode(params)}", user.upn)
+    params = {
+        "client_id": sandbox.entra.client_id,
+        "response_type": "code",
+        "redirect_uri": _callback(sandbox),
+        "scope": "openid",
+        "state": "st-1",
+    }
+    response = _pick(
+        https, f"{sandbox.entra_url}/{contoso}/oauth2/v2.0/authorize?{urlencode(params)}", user.upn
+    )
     assert response["error"] == "access_denied"
     assert response["error_description"].startswith("AADSTS50057")
     assert response["state"] == "st-1"
@@ -234,9 +290,12 @@ def test_token_endpoint_fault_then_success(
     sandbox: Sandbox, https: httpx.Client, fabrikam: str
 ) -> None:
     sandbox.entra.fail_next("token", status=503, count=1, retry_after=2)
-    data = {"grant_type": "client_credentials", "client_id": sandbox.entra.client_id,
-            "client_secret": sandbox.entra.client_secret,
-            "scope": "https://graph.microsoft.com/.default"}
+    data = {
+        "grant_type": "client_credentials",
+        "client_id": sandbox.entra.client_id,
+        "client_secret": sandbox.entra.client_secret,
+        "scope": "https://graph.microsoft.com/.default",
+    }
     failed = https.post(sandbox.entra.token_endpoint(fabrikam), data=data)
     assert failed.status_code == 503
     assert failed.headers["retry-after"] == "2"

@@ -38,8 +38,9 @@ def _meeting_body(external_id: str | None = None) -> dict[str, Any]:
 
 
 def _create_meeting(client: httpx.Client, organizer: str) -> dict[str, Any]:
-    response = client.post(f"/v1.0/users/{organizer}/onlineMeetings/createOrGet",
-                           json=_meeting_body())
+    response = client.post(
+        f"/v1.0/users/{organizer}/onlineMeetings/createOrGet", json=_meeting_body()
+    )
     assert response.status_code == 201, response.text
     return dict(response.json())
 
@@ -51,14 +52,19 @@ def _expiry(minutes: int = 60) -> str:
 
 
 def _subscribe(
-    client: httpx.Client, receiver: Receiver, meeting: dict[str, Any],
-    cert: EncryptionCert | None, *, lifecycle: bool = True, version: str = "beta",
+    client: httpx.Client,
+    receiver: Receiver,
+    meeting: dict[str, Any],
+    cert: EncryptionCert | None,
+    *,
+    lifecycle: bool = True,
+    version: str = "beta",
 ) -> httpx.Response:
     body: dict[str, Any] = {
         "changeType": "updated",
         "notificationUrl": f"{receiver.url}/api/presence",
         "resource": f"communications/onlineMeetings/?$filter=JoinWebUrl eq "
-                    f"'{meeting['joinWebUrl']}'",
+        f"'{meeting['joinWebUrl']}'",
         "expirationDateTime": _expiry(),
         "clientState": secrets.token_urlsafe(32),
         "includeResourceData": cert is not None,
@@ -108,25 +114,34 @@ def test_meeting_errors(
 
     organizer = _clinician(sandbox, contoso)
     sandbox.graph.set_access_policy(contoso, False)
-    denied = contoso_graph.post(f"/v1.0/users/{organizer}/onlineMeetings/createOrGet",
-                                json=_meeting_body())
+    denied = contoso_graph.post(
+        f"/v1.0/users/{organizer}/onlineMeetings/createOrGet", json=_meeting_body()
+    )
     assert denied.status_code == 403
     error = denied.json()["error"]
     assert error["code"] == "Forbidden"
     assert error["message"] == "No application access policy found for this app."
     assert "request-id" in error["innerError"]
     sandbox.graph.set_access_policy(organizer, True)  # a user grant wins over the tenant's
-    assert contoso_graph.post(f"/v1.0/users/{organizer}/onlineMeetings/createOrGet",
-                              json=_meeting_body()).status_code == 201
+    assert (
+        contoso_graph.post(
+            f"/v1.0/users/{organizer}/onlineMeetings/createOrGet", json=_meeting_body()
+        ).status_code
+        == 201
+    )
 
     portal = sandbox.entra.mint_access_token(tid=contoso, oid=organizer)
-    wrong_aud = httpx.post(f"{sandbox.graph_url}/v1.0/users/{organizer}/onlineMeetings/"
-                           "createOrGet", json=_meeting_body(),
-                           headers={"Authorization": f"Bearer {portal}"})
+    wrong_aud = httpx.post(
+        f"{sandbox.graph_url}/v1.0/users/{organizer}/onlineMeetings/createOrGet",
+        json=_meeting_body(),
+        headers={"Authorization": f"Bearer {portal}"},
+    )
     assert wrong_aud.status_code == 401
     assert wrong_aud.json()["error"]["code"] == "InvalidAuthenticationToken"
-    missing = httpx.post(f"{sandbox.graph_url}/v1.0/users/{organizer}/onlineMeetings/"
-                         "createOrGet", json=_meeting_body())
+    missing = httpx.post(
+        f"{sandbox.graph_url}/v1.0/users/{organizer}/onlineMeetings/createOrGet",
+        json=_meeting_body(),
+    )
     assert missing.status_code == 401
 
 
@@ -136,8 +151,7 @@ def test_throttling_with_retry_after_then_success(
     organizer = _clinician(sandbox, contoso)
     sandbox.graph.fail_next("onlineMeetings/createOrGet", status=429, count=1, retry_after=3)
     body = _meeting_body()
-    throttled = contoso_graph.post(f"/v1.0/users/{organizer}/onlineMeetings/createOrGet",
-                                   json=body)
+    throttled = contoso_graph.post(f"/v1.0/users/{organizer}/onlineMeetings/createOrGet", json=body)
     assert throttled.status_code == 429
     assert throttled.headers["Retry-After"] == "3"
     assert throttled.json()["error"]["code"] == "TooManyRequests"
@@ -146,7 +160,10 @@ def test_throttling_with_retry_after_then_success(
 
 
 def test_subscription_validation_handshake_and_management(
-    sandbox: Sandbox, contoso_graph: httpx.Client, receiver: Receiver, contoso: str,
+    sandbox: Sandbox,
+    contoso_graph: httpx.Client,
+    receiver: Receiver,
+    contoso: str,
     encryption_cert: EncryptionCert,
 ) -> None:
     meeting = _create_meeting(contoso_graph, _clinician(sandbox, contoso))
@@ -160,31 +177,38 @@ def test_subscription_validation_handshake_and_management(
     # both endpoints were validated; the decoded token (spaces, +, /, =, &, %) arrived intact
     sent = [d.validation_token for d in sandbox.graph.deliveries if d.kind == "validation"]
     assert [p for p, _ in receiver.validation_tokens] == [
-        "/api/presence", "/api/presence/lifecycle"
+        "/api/presence",
+        "/api/presence/lifecycle",
     ]
     assert [t for _, t in receiver.validation_tokens] == sent[-2:]
     for token in sent[-2:]:
         assert token is not None and " " in token and "+" in token and "&" in token
     assert all(ct.startswith("text/plain") for ct in receiver.validation_content_types)
 
-    renewed = contoso_graph.patch(f"/beta/subscriptions/{sub['id']}",
-                                  json={"expirationDateTime": _expiry(120)})
+    renewed = contoso_graph.patch(
+        f"/beta/subscriptions/{sub['id']}", json={"expirationDateTime": _expiry(120)}
+    )
     assert renewed.status_code == 200
     assert renewed.json()["expirationDateTime"] > sub["expirationDateTime"]
-    too_far = contoso_graph.patch(f"/beta/subscriptions/{sub['id']}",
-                                  json={"expirationDateTime": _expiry(4231 + 5)})
+    too_far = contoso_graph.patch(
+        f"/beta/subscriptions/{sub['id']}", json={"expirationDateTime": _expiry(4231 + 5)}
+    )
     assert too_far.status_code == 400
     assert "4230 minutes" in too_far.json()["error"]["message"]
     assert contoso_graph.post(f"/beta/subscriptions/{sub['id']}/reauthorize").status_code == 204
     assert sandbox.graph.subscriptions[sub["id"]].reauthorized_at is not None
     assert contoso_graph.delete(f"/beta/subscriptions/{sub['id']}").status_code == 204
-    gone = contoso_graph.patch(f"/beta/subscriptions/{sub['id']}",
-                               json={"expirationDateTime": _expiry()})
+    gone = contoso_graph.patch(
+        f"/beta/subscriptions/{sub['id']}", json={"expirationDateTime": _expiry()}
+    )
     assert gone.status_code == 404
 
 
 def test_subscription_create_errors(
-    sandbox: Sandbox, contoso_graph: httpx.Client, receiver: Receiver, contoso: str,
+    sandbox: Sandbox,
+    contoso_graph: httpx.Client,
+    receiver: Receiver,
+    contoso: str,
     encryption_cert: EncryptionCert,
 ) -> None:
     meeting = _create_meeting(contoso_graph, _clinician(sandbox, contoso))
@@ -193,19 +217,28 @@ def test_subscription_create_errors(
     assert failed.status_code == 400
     assert "Subscription validation request failed" in failed.json()["error"]["message"]
     receiver.bad_echo = False
-    no_cert = contoso_graph.post("/beta/subscriptions", json={
-        "changeType": "updated", "notificationUrl": f"{receiver.url}/api/presence",
-        "resource": f"communications/onlineMeetings/?$filter=JoinWebUrl eq "
-                    f"'{meeting['joinWebUrl']}'",
-        "expirationDateTime": _expiry(), "includeResourceData": True,
-    })
+    no_cert = contoso_graph.post(
+        "/beta/subscriptions",
+        json={
+            "changeType": "updated",
+            "notificationUrl": f"{receiver.url}/api/presence",
+            "resource": f"communications/onlineMeetings/?$filter=JoinWebUrl eq "
+            f"'{meeting['joinWebUrl']}'",
+            "expirationDateTime": _expiry(),
+            "includeResourceData": True,
+        },
+    )
     assert no_cert.status_code == 400
-    unknown = contoso_graph.post("/beta/subscriptions", json={
-        "changeType": "updated", "notificationUrl": f"{receiver.url}/api/presence",
-        "resource": "communications/onlineMeetings/?$filter=JoinWebUrl eq "
-                    f"'{sandbox.graph_url}/l/meetup-join/19%3ameeting_nope%40thread.v2/0'",
-        "expirationDateTime": _expiry(),
-    })
+    unknown = contoso_graph.post(
+        "/beta/subscriptions",
+        json={
+            "changeType": "updated",
+            "notificationUrl": f"{receiver.url}/api/presence",
+            "resource": "communications/onlineMeetings/?$filter=JoinWebUrl eq "
+            f"'{sandbox.graph_url}/l/meetup-join/19%3ameeting_nope%40thread.v2/0'",
+            "expirationDateTime": _expiry(),
+        },
+    )
     assert unknown.status_code == 404
     assert sandbox.graph.subscriptions_for(meeting["id"]) == []
 
@@ -215,7 +248,10 @@ def _events(items: list[dict[str, Any]], cert: EncryptionCert) -> list[dict[str,
 
 
 def test_encrypted_call_events_round_trip(
-    sandbox: Sandbox, contoso_graph: httpx.Client, receiver: Receiver, contoso: str,
+    sandbox: Sandbox,
+    contoso_graph: httpx.Client,
+    receiver: Receiver,
+    contoso: str,
     encryption_cert: EncryptionCert,
 ) -> None:
     organizer = _clinician(sandbox, contoso)
@@ -241,8 +277,14 @@ def test_encrypted_call_events_round_trip(
         assert meeting["joinWebUrl"] in item["resource"]
     events = _events(items, encryption_cert)
     types = [e["eventType"].rsplit(".", 1)[-1] for e in events]
-    assert types == ["CallStarted", "CallRosterUpdate", "CallRosterUpdate", "CallRosterUpdate",
-                     "CallRosterUpdate", "CallEnded"]
+    assert types == [
+        "CallStarted",
+        "CallRosterUpdate",
+        "CallRosterUpdate",
+        "CallRosterUpdate",
+        "CallRosterUpdate",
+        "CallEnded",
+    ]
     assert events[1]["activeParticipants@joined"][0]["identity"]["User"]["Id"] == organizer
     assert events[1]["activeParticipants@joined"][0]["identity"]["User"]["TenantId"] == contoso
     guest = events[2]["activeParticipants@joined"][0]
@@ -254,9 +296,13 @@ def test_encrypted_call_events_round_trip(
     # validation tokens: issued for our app by Graph's change-tracking app, signed by Entra
     token = body["validationTokens"][0]
     key = next(k for k in sandbox.entra.keys if k.kid == jwt.get_unverified_header(token)["kid"])
-    claims = jwt.decode(token, key.public_key, algorithms=["RS256"],
-                        audience=sandbox.entra.client_id,
-                        issuer=f"https://sts.windows.net/{contoso}/")
+    claims = jwt.decode(
+        token,
+        key.public_key,
+        algorithms=["RS256"],
+        audience=sandbox.entra.client_id,
+        issuer=f"https://sts.windows.net/{contoso}/",
+    )
     assert claims["appid"] == GRAPH_CHANGE_TRACKING_APP_ID
     # tampering is detected
     tampered = dict(items[0]["encryptedContent"])
@@ -269,7 +315,10 @@ def test_encrypted_call_events_round_trip(
 
 
 def test_plain_resource_data_lifecycle_and_delivery_hooks(
-    sandbox: Sandbox, contoso_graph: httpx.Client, receiver: Receiver, contoso: str,
+    sandbox: Sandbox,
+    contoso_graph: httpx.Client,
+    receiver: Receiver,
+    contoso: str,
 ) -> None:
     meeting = _create_meeting(contoso_graph, _clinician(sandbox, contoso))
     sub = _subscribe(contoso_graph, receiver, meeting, None, version="v1.0").json()
@@ -302,7 +351,8 @@ def test_plain_resource_data_lifecycle_and_delivery_hooks(
     graph.send_lifecycle(sub["id"], "subscriptionRemoved")
     lifecycle = receiver.wait_items(2, path="/api/presence/lifecycle")
     assert [i["lifecycleEvent"] for i in lifecycle] == [
-        "reauthorizationRequired", "subscriptionRemoved"
+        "reauthorizationRequired",
+        "subscriptionRemoved",
     ]
     assert lifecycle[0]["clientState"] == sub["clientState"]
     graph.send_raw(sub["id"], {"value": [{"subscriptionId": sub["id"], "clientState": "forged"}]})
@@ -323,11 +373,14 @@ def test_meeting_page_guest_lobby_admit_leave(
         assert guest_page.status_code == 200
         assert 'class="join-guest"' in guest_page.text
         assert 'class="join-organizer"' not in guest_page.text
-        action = re.search(r'<form class="join-guest" method="post" action="([^"]+)"',
-                           guest_page.text)
+        action = re.search(
+            r'<form class="join-guest" method="post" action="([^"]+)"', guest_page.text
+        )
         assert action is not None
-        joined = browser.post(action.group(1).replace("&amp;", "&"),
-                              data={"role": "guest", "displayName": "Pat Guest"})
+        joined = browser.post(
+            action.group(1).replace("&amp;", "&"),
+            data={"role": "guest", "displayName": "Pat Guest"},
+        )
         assert joined.status_code == 303
         lobby_url = joined.headers["location"]
         guest_id = parse_qs(urlsplit(lobby_url).query)["participant"][0]
@@ -360,12 +413,16 @@ def test_graph_token_from_https_token_endpoint_has_expected_claims(
 ) -> None:
     response = httpx.post(
         sandbox.entra.token_endpoint(contoso),
-        data={"grant_type": "client_credentials", "client_id": sandbox.entra.client_id,
-              "client_secret": sandbox.entra.client_secret,
-              "scope": "https://graph.microsoft.com/.default"},
+        data={
+            "grant_type": "client_credentials",
+            "client_id": sandbox.entra.client_id,
+            "client_secret": sandbox.entra.client_secret,
+            "scope": "https://graph.microsoft.com/.default",
+        },
         verify=ca_context(sandbox),
     )
-    claims = sandbox.entra.verify_token(response.json()["access_token"],
-                                        audience="https://graph.microsoft.com")
+    claims = sandbox.entra.verify_token(
+        response.json()["access_token"], audience="https://graph.microsoft.com"
+    )
     assert claims["iss"] == f"https://sts.windows.net/{contoso}/"
     assert claims["roles"] == ["OnlineMeetings.ReadWrite.All", "OnlineMeetings.Read.All"]

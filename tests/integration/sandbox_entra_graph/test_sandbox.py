@@ -30,8 +30,13 @@ def test_connector_settings_point_at_running_servers(
 ) -> None:
     settings = sandbox.connector_settings()
     assert set(settings) == {
-        "ENTRA_AUTHORITY_HOST", "ENTRA_CLIENT_ID", "ENTRA_CLIENT_SECRET", "GRAPH_BASE_URL",
-        "SMART_CLIENT_ID", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE",
+        "ENTRA_AUTHORITY_HOST",
+        "ENTRA_CLIENT_ID",
+        "ENTRA_CLIENT_SECRET",
+        "GRAPH_BASE_URL",
+        "SMART_CLIENT_ID",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
     }
     assert settings["ENTRA_AUTHORITY_HOST"].startswith("https://127.0.0.1:")
     assert settings["GRAPH_BASE_URL"] == sandbox.graph_url
@@ -52,11 +57,14 @@ def test_connector_settings_point_at_running_servers(
 
 def test_msal_form_post_response_mode(sandbox: Sandbox, msal_trust: None, fabrikam: str) -> None:
     app = msal.ConfidentialClientApplication(
-        sandbox.entra.client_id, client_credential=sandbox.entra.client_secret,
-        authority=f"{sandbox.entra_url}/organizations", instance_discovery=False,
+        sandbox.entra.client_id,
+        client_credential=sandbox.entra.client_secret,
+        authority=f"{sandbox.entra_url}/organizations",
+        instance_discovery=False,
     )
     flow = app.initiate_auth_code_flow(
-        ["User.Read"], redirect_uri=f"{sandbox.connector_url}/api/launch/sso-callback",
+        ["User.Read"],
+        redirect_uri=f"{sandbox.connector_url}/api/launch/sso-callback",
         response_mode="form_post",
     )
     with httpx.Client(verify=ca_context(sandbox)) as browser:
@@ -66,8 +74,10 @@ def test_msal_form_post_response_mode(sandbox: Sandbox, msal_trust: None, fabrik
         assert clinician.upn in links  # the multi-tenant picker lists every tenant
         page = browser.get(links[clinician.upn]).text
     assert f'action="{sandbox.connector_url}/api/launch/sso-callback"' in page
-    fields = {html.unescape(k): html.unescape(v) for k, v in
-              re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)}
+    fields = {
+        html.unescape(k): html.unescape(v)
+        for k, v in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)
+    }
     result = app.acquire_token_by_auth_code_flow(flow, fields)
     assert result["id_token_claims"]["tid"] == fabrikam
     assert result["id_token_claims"]["iss"] == sandbox.entra.issuer(fabrikam)
@@ -90,9 +100,20 @@ def test_tls_material(tmp_path: Path) -> None:
 def test_cli_prints_urls_and_settings(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "devtools.sandbox", "--connector-url", "http://127.0.0.1:7071",
-         "--state-dir", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "devtools.sandbox",
+            "--connector-url",
+            "http://127.0.0.1:7071",
+            "--state-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     lines: list[str] = []
     try:
@@ -111,9 +132,10 @@ def test_cli_prints_urls_and_settings(tmp_path: Path) -> None:
         assert entra is not None
         assert "export ENTRA_AUTHORITY_HOST=" in text and "Contoso Health" in text
         ca = tmp_path / "sandbox-tls" / "ca-bundle.pem"
-        response = httpx.get(f"{entra.group(1)}/organizations/v2.0/.well-known/"
-                             "openid-configuration",
-                             verify=ssl.create_default_context(cafile=str(ca)))
+        response = httpx.get(
+            f"{entra.group(1)}/organizations/v2.0/.well-known/openid-configuration",
+            verify=ssl.create_default_context(cafile=str(ca)),
+        )
         assert response.status_code == 200
     finally:
         proc.terminate()
