@@ -20,23 +20,17 @@ __all__ = [
 EHR_SIGNIN_SCOPES: tuple[str, ...] = ("openid", "fhirUser")
 
 # Provider launch (SMART EHR launch from Hyperspace/Haiku/...): who the clinician is and which
-# visit (appointment, encounter) the launch is about.
-PROVIDER_LAUNCH_SCOPES: tuple[str, ...] = (
-    "launch",
-    "openid",
-    "fhirUser",
-    "user/Practitioner.read",
-    "user/Patient.read",
-    "user/Appointment.read",
-    "user/Encounter.read",
-)
+# visit the launch is about. The visit (appointment, encounter, conference id) comes in the token
+# response's launch context, so no FHIR read scope is needed: minimal on purpose.
+PROVIDER_LAUNCH_SCOPES: tuple[str, ...] = ("launch", "openid", "fhirUser")
 
-# Patient launch (MyChart): the patient's own compartment only.
+# Patient launch (MyChart): identity and launch context, plus reading the visit's Appointment or
+# Encounter in the patient's own compartment, which tells which clinician the visit is with when
+# the clinician has not started the meeting yet.
 PATIENT_LAUNCH_SCOPES: tuple[str, ...] = (
     "launch",
     "openid",
     "fhirUser",
-    "patient/Patient.read",
     "patient/Appointment.read",
     "patient/Encounter.read",
 )
