@@ -29,6 +29,9 @@ from connector_core.settings import Settings
 if TYPE_CHECKING:
     import httpx
 
+    from connector_core.adapters.entra_tokens import PortalTokenValidator
+    from connector_core.adapters.fhir_probe import FhirProbe
+
 __all__ = ["Container", "get_container", "reset_container", "set_container"]
 
 VERSION = "0.1.0"
@@ -75,6 +78,23 @@ class Container:
     @cached_property
     def signing_keys(self) -> SigningKeys:
         return SigningKeys.from_pem_bundle(self.settings.smart_private_key.get_secret_value())
+
+    # --- portal: Entra access tokens, FHIR base URL checks ---------------------------------
+    @cached_property
+    def portal_tokens(self) -> PortalTokenValidator:
+        from connector_core.adapters.entra_tokens import PortalTokenValidator
+
+        return PortalTokenValidator(
+            http=self.http,
+            authority_host=self.settings.entra_authority_host,
+            audiences=(self.settings.api_audience, self.settings.entra_client_id),
+        )
+
+    @cached_property
+    def fhir_probe(self) -> FhirProbe:
+        from connector_core.adapters.fhir_probe import FhirProbe
+
+        return FhirProbe(dev_mode=self.settings.dev_mode)
 
     @property
     def version(self) -> str:
