@@ -11,6 +11,8 @@ vv{r}configs    ``id-{config id}``       ``tenant``                  config id -
 vv{r}usermaps   EHR user key (HMAC)      ``map``                     EHR user -> Entra oid/tid
 vv{r}visits     visit key (HMAC)         ``visit``                   meeting, subscription, roster
 vv{r}subs       Graph subscription id    ``sub``                     subscription -> visit, secret
+vv{r}subs       ``live-index``           Graph subscription id       subscriptions to renew (timer)
+vv{r}writebacks visit key (HMAC)         write-back key              presence write-back ledger
 vv{r}nonces     nonce (random)           ``used``                    single-use state consumption
 ==============  =======================  ==========================  ==============================
 
@@ -35,6 +37,7 @@ from connector_core.domain.models import (
     Versioned,
     Visit,
 )
+from connector_core.domain.presence import WritebackRecord
 from connector_core.errors import ConflictError, NotFoundError, RegionMismatchError
 from connector_core.ports import EntityStore, TransactionOp
 
@@ -44,6 +47,7 @@ __all__ = [
     "NonceRepository",
     "SubscriptionRepository",
     "VisitRepository",
+    "WritebackRepository",
     "table_name",
 ]
 
@@ -298,11 +302,71 @@ class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
     def get(self, subscription_id: str) -> Versioned[GraphSubscription]:
         return self._get(subscription_id)
 
+    # Every stored subscription is also listed in one small index partition, so the renewal
+    # timer finds them without a table scan; delete() removes both.
+    _INDEX = "live-index"
+
     def upsert(self, subscription: GraphSubscription) -> str:
-        return self._upsert(subscription.subscription_id, subscription)
+        etag = self._upsert(subscription.subscription_id, subscription)
+        self._store.upsert_entity(
+            self._table,
+            {
+                "PartitionKey": self._INDEX,
+                "RowKey": subscription.subscription_id,
+                "Kind": "subindex",
+                "Region": subscription.region.value,
+                "VisitKey": subscription.visit_key,
+            },
+        )
+        return etag
 
     def delete(self, subscription_id: str) -> None:
         self._delete(subscription_id)
+        self._store.delete_entity(self._table, self._INDEX, subscription_id)
+
+    def list_ids(self) -> list[str]:
+        """Ids of every stored subscription (from the index partition)."""
+        rows = self._store.list_entities(self._table, partition_key=self._INDEX)
+        return [str(row["RowKey"]) for row, _ in rows]
+
+
+class WritebackRepository:
+    """The presence write-back ledger (see ``domain.presence.WritebackRecord``)."""
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        self._store = store
+        self._table = table_name(region, "writebacks")
+        self._codec = _Codec(WritebackRecord, region, "writeback")
+
+    def create(self, record: WritebackRecord) -> str:
+        """Insert; ``ConflictError`` when this write-back is already in the ledger."""
+        return self._store.create_entity(
+            self._table, self._codec.encode(record, record.visit_key, record.key)
+        )
+
+    def get(self, visit_key: str, key: str) -> Versioned[WritebackRecord]:
+        try:
+            entity, etag = self._store.get_entity(self._table, visit_key, key)
+        except NotFoundError:
+            raise NotFoundError("No write-back record for this key.") from None
+        return Versioned[WritebackRecord](record=self._codec.decode(entity), etag=etag)
+
+    def update(self, record: WritebackRecord, *, etag: str) -> str:
+        return self._store.update_entity(
+            self._table, self._codec.encode(record, record.visit_key, record.key), etag=etag
+        )
+
+    def list_for_visit(self, visit_key: str) -> list[Versioned[WritebackRecord]]:
+        rows = self._store.list_entities(self._table, partition_key=visit_key)
+        return [
+            Versioned[WritebackRecord](record=self._codec.decode(row), etag=etag)
+            for row, etag in rows
+        ]
+
+    def delete_visit(self, visit_key: str) -> None:
+        """Remove a visit's ledger (with the visit record, when it is purged)."""
+        for row, _ in self._store.list_entities(self._table, partition_key=visit_key):
+            self._store.delete_entity(self._table, visit_key, str(row["RowKey"]))
 
 
 class NonceRepository:

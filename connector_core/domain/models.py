@@ -227,6 +227,9 @@ class Visit(_Record):
         default=None, description="EHR references for write-back, sealed (AEAD); never in clear"
     )
     participants: tuple[ParticipantState, ...] = ()
+    call_event_at: datetime | None = Field(
+        default=None, description="time of the latest CallStarted/CallEnded applied (ordering)"
+    )
     created_at: datetime
     updated_at: datetime
     ended_at: datetime | None = None
