@@ -7,6 +7,7 @@ same container with fakes (``Container.in_memory``) or real local services and i
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,14 +24,22 @@ from connector_core.repositories import (
     NonceRepository,
     SubscriptionRepository,
     VisitRepository,
+    WritebackRepository,
 )
 from connector_core.settings import Settings
 
 if TYPE_CHECKING:
     import httpx
 
+    from connector_core.adapters.ehr_writeback import EhrWriter
+    from connector_core.adapters.entra_signin import EntraSignIn, MsalApps
     from connector_core.adapters.entra_tokens import PortalTokenValidator
     from connector_core.adapters.fhir_probe import FhirProbe
+    from connector_core.adapters.graph import GraphClient
+    from connector_core.adapters.notification_crypto import NotificationDecryptor
+    from connector_core.adapters.smart import SmartClient
+    from connector_core.service.launch import LaunchCache
+    from connector_core.service.presence import PresenceRuntime
 
 __all__ = ["Container", "get_container", "reset_container", "set_container"]
 
@@ -79,6 +88,37 @@ class Container:
     def signing_keys(self) -> SigningKeys:
         return SigningKeys.from_pem_bundle(self.settings.smart_private_key.get_secret_value())
 
+    # --- launch: SMART, Entra sign-in, Graph (adapters built once per process) ---------------
+    @cached_property
+    def smart(self) -> SmartClient:
+        from connector_core.adapters.smart import SmartClient
+
+        return SmartClient(http=self.http, signing_keys=self.signing_keys)
+
+    @cached_property
+    def msal_apps(self) -> MsalApps:
+        from connector_core.adapters.entra_signin import MsalApps
+
+        return MsalApps(self.settings)
+
+    @cached_property
+    def entra_signin(self) -> EntraSignIn:
+        from connector_core.adapters.entra_signin import EntraSignIn
+
+        return EntraSignIn(self.settings, apps=self.msal_apps)
+
+    @cached_property
+    def graph(self) -> GraphClient:
+        from connector_core.adapters.graph import GraphClient
+
+        return GraphClient(http=self.http, settings=self.settings, apps=self.msal_apps)
+
+    @cached_property
+    def launch_cache(self) -> LaunchCache:
+        from connector_core.service.launch import LaunchCache
+
+        return LaunchCache(self.configs, self.mappings)
+
     # --- portal: Entra access tokens, FHIR base URL checks ---------------------------------
     @cached_property
     def portal_tokens(self) -> PortalTokenValidator:
@@ -96,12 +136,36 @@ class Container:
 
         return FhirProbe(dev_mode=self.settings.dev_mode)
 
+    # --- presence: notification decryption, write-back ledger and writer ---------------------
+    @cached_property
+    def notification_crypto(self) -> NotificationDecryptor:
+        from connector_core.adapters.notification_crypto import NotificationDecryptor
+
+        return NotificationDecryptor(self.settings.graph_notification_cert.get_secret_value())
+
+    @cached_property
+    def writebacks(self) -> WritebackRepository:
+        return WritebackRepository(self.store, region=self.settings.region)
+
+    @cached_property
+    def ehr_writer(self) -> EhrWriter:
+        from connector_core.adapters.ehr_writeback import EhrWriter
+
+        return EhrWriter(http=self.http, tokens=self.smart)
+
+    @cached_property
+    def presence(self) -> PresenceRuntime:
+        from connector_core.service.presence import PresenceRuntime
+
+        return PresenceRuntime()
+
     @property
     def version(self) -> str:
         return VERSION
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Container:
+        quiet_third_party_loggers()
         from connector_core.adapters.azure_storage import (
             AzureMessageQueue,
             AzureTableStore,
@@ -125,6 +189,16 @@ class Container:
 
         store = InMemoryEntityStore()
         return cls(settings=settings, store=store, queue=InMemoryMessageQueue(), health_store=store)
+
+
+# Libraries that log full request URLs (FHIR paths carry EHR ids) or identity details at INFO.
+_CHATTY_LOGGERS = ("httpx", "httpcore", "msal", "azure.core.pipeline.policies.http_logging_policy")
+
+
+def quiet_third_party_loggers() -> None:
+    """Log keys, not people: keep URL-logging libraries at WARNING."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 _container: Container | None = None
