@@ -1,0 +1,106 @@
+"""Presence: the Graph webhook (notifications, lifecycle), the queue worker, the renewal timer.
+
+``POST /api/presence`` and ``POST /api/presence/lifecycle``:
+* ``?validationToken=...``: the subscription handshake, answered ``200 text/plain`` with the
+  decoded token (the host decodes the query: ``%2B`` is ``+``, ``%20`` a space);
+* otherwise ``{"value": [...]}``: verified, decrypted and enqueued, then ``202``. No EHR or Graph
+  call is made here: Graph wants an answer within 3 seconds.
+
+``presence_worker`` (queue ``presence-events``) writes participant state and the EHR write-back;
+``presence_renewal`` (every 5 minutes) keeps live visits' subscriptions from expiring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import azure.functions as func
+
+from connector_core.bootstrap import get_container
+from connector_core.errors import InvalidInputError, PayloadTooLargeError
+from connector_core.logs import get_logger, log_event, new_correlation_id, use_correlation_id
+from connector_core.service.presence import (
+    PRESENCE_QUEUE,
+    accept_notifications,
+    process_message,
+    renew_subscriptions,
+)
+from functions._http import api
+
+bp = func.Blueprint()
+_log = get_logger("presence")
+
+# Graph batches up to a few hundred notifications; each encrypted item is a few KiB.
+MAX_NOTIFICATION_BODY = 4 * 1024 * 1024
+MAX_VALIDATION_TOKEN = 2048
+
+
+def _handshake(token: str) -> func.HttpResponse:
+    if len(token) > MAX_VALIDATION_TOKEN:
+        raise InvalidInputError("The validation token is too long.")
+    return func.HttpResponse(
+        token,
+        status_code=200,
+        mimetype="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+    )
+
+
+def _notifications(req: func.HttpRequest) -> func.HttpResponse:
+    token = req.params.get("validationToken")
+    if token is not None:
+        return _handshake(token)
+    raw = req.get_body() or b""
+    if len(raw) > MAX_NOTIFICATION_BODY:
+        raise PayloadTooLargeError("The notification body is too large.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError("The notification body must be JSON.") from None
+    result = accept_notifications(get_container(), body)
+    return func.HttpResponse(
+        status_code=202,
+        headers={"x-enqueued": str(result.enqueued), "x-dropped": str(result.dropped)},
+    )
+
+
+@bp.route(route="presence", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+@api
+def presence_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    return _notifications(req)
+
+
+@bp.route(route="presence/lifecycle", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
+@api
+def presence_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
+    return _notifications(req)
+
+
+@bp.queue_trigger(arg_name="msg", queue_name=PRESENCE_QUEUE, connection="CONNECTOR_STORAGE")
+def presence_worker(msg: func.QueueMessage) -> None:
+    with use_correlation_id(new_correlation_id()):
+        try:
+            process_message(
+                get_container(),
+                msg.get_body().decode("utf-8", errors="replace"),
+                dequeue_count=msg.dequeue_count or 1,
+            )
+        except Exception as error:
+            # The host retries (visibilityTimeout) and, after maxDequeueCount, moves the
+            # message to presence-events-poison.
+            log_event(
+                _log,
+                "presence.message.failed",
+                level=logging.ERROR,
+                error=type(error).__name__,
+                dequeue_count=msg.dequeue_count,
+            )
+            raise
+
+
+@bp.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
+def presence_renewal(timer: func.TimerRequest) -> None:
+    with use_correlation_id(new_correlation_id()):
+        renew_subscriptions(get_container())
