@@ -1,0 +1,931 @@
+"""Virtual visit launch: SMART EHR launch -> (first time: Entra sign-in) -> the Teams meeting.
+
+Flow (DESIGN.md section 5, "Launch")::
+
+    GET launch/{provider|patient}/{configId}?iss&launch   start_launch
+        approved config (cached 30 s in-process), iss == its FHIR base, SMART discovery (cached),
+        sealed state + browser-binding cookie, 302 to the EHR's authorize endpoint (PKCE S256)
+    GET launch/callback?code&state                        complete_launch
+        state: sealed, bound to this browser, single use, issued for this issuer; code exchange;
+        id_token (fhirUser) verified; launch context -> visit key
+        provider: mapping EHR user -> Entra oid; none (or no longer working) -> Entra sign-in;
+                  else createOrGet the meeting (+ its call-event subscription) -> joinWebUrl
+        patient:  the visit's meeting as a browser guest; or, the visit's clinician being mapped,
+                  create it as them; else a waiting page that polls GET launch/wait
+    GET launch/sso-callback?code&state                    complete_sso
+        msal code redemption (PKCE + nonce), tid == config tenant, mapping stored, meeting
+
+Privacy: raw EHR ids live only inside one request. Tables get keyed hashes (visit key, EHR user
+key) and sealed values (state, the visit's EHR references); logs get keys only.
+
+Trade-off (documented in README): approved configs (30 s) and EHR user mappings (5 min) are
+cached in-process (``LaunchCache``), and the callback works from a sealed snapshot of the config
+taken when the launch started (at most 10 minutes earlier). A config sent back for approval or
+deleted stops new launches within 30 s on a worker that served it recently. This keeps a repeat
+clinician's launch of a new visit at 4 table operations (state nonce, subscription record and
+its index row, visit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from connector_core.crypto import new_pkce_pair, random_token
+from connector_core.domain.models import ConfigStatus, EhrUserMapping, TenantConfig, Visit
+from connector_core.domain.scopes import (
+    PATIENT_LAUNCH_SCOPES,
+    PROVIDER_LAUNCH_SCOPES,
+    scope_string,
+)
+from connector_core.domain.visit_keys import (
+    LaunchContext,
+    ehr_user_key,
+    parse_reference,
+    read_launch_context,
+    visit_key,
+)
+from connector_core.errors import (
+    AuthenticationError,
+    ConflictError,
+    ConnectorError,
+    EhrError,
+    GraphError,
+    InvalidInputError,
+    InvalidStateError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from connector_core.logs import get_logger, log_event
+from connector_core.service.subscriptions import ensure_subscription, try_create_subscription
+
+if TYPE_CHECKING:
+    from connector_core.adapters.smart import SmartConfiguration, SmartTokenResponse
+    from connector_core.bootstrap import Container
+    from connector_core.repositories import ConfigRepository, MappingRepository
+
+__all__ = [
+    "LAUNCH_COOKIE_PREFIX",
+    "SSO_COOKIE",
+    "STATE_TTL_SECONDS",
+    "VISIT_COOKIE",
+    "WAIT_COOKIE",
+    "LaunchCache",
+    "LaunchResult",
+    "LaunchRole",
+    "SetCookie",
+    "complete_launch",
+    "complete_sso",
+    "guest_join_url",
+    "poll_waiting",
+    "start_launch",
+]
+
+STATE_TTL_SECONDS = 600  # launch and sign-in state live 10 minutes
+WAIT_TTL_SECONDS = 4 * 3600  # a patient may open the visit early
+VISIT_COOKIE_TTL_SECONDS = 12 * 3600
+LAUNCH_COOKIE_PREFIX = "__Host-vvl-"
+SSO_COOKIE = "__Host-vv-sso"
+WAIT_COOKIE = "__Host-vv-wait"
+VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live participants view
+MEETING_SUBJECT = "Virtual visit"  # never patient data
+MEETING_LENGTH = timedelta(hours=1)
+VISIT_RETENTION = timedelta(days=7)  # backstop purge; presence shortens it when the call ends
+_CONFIG_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+_PROVIDER_USER_TYPES = ("Practitioner", "PractitionerRole")
+_PATIENT_USER_TYPES = ("Patient", "RelatedPerson", "Person")
+_log = get_logger("launch")
+
+_RESTART = "Start the visit again from the EHR."
+
+
+class LaunchRole(StrEnum):
+    PROVIDER = "provider"
+    PATIENT = "patient"
+
+
+@dataclass(frozen=True)
+class SetCookie:
+    """A ``__Host-`` cookie to set (``max_age`` 0 deletes it). Secure, HttpOnly, Lax, Path=/."""
+
+    name: str
+    value: str
+    max_age: int
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """What the browser gets: a redirect, or the patient's waiting page; plus cookies."""
+
+    redirect: str | None = None
+    waiting: bool = False
+    cookies: tuple[SetCookie, ...] = ()
+
+
+# --- in-process caches: approved configs and EHR user mappings --------------------------------
+
+
+class LaunchCache:
+    """What launches read on every click, cached in-process (one instance per worker).
+
+    * approved configs for ``config_ttl`` (30 s): a config sent back for approval or deleted
+      stops new launches within that time on a worker that served it recently;
+    * EHR user -> Entra mappings for ``mapping_ttl`` (5 min): a mapping only changes when the
+      old Entra user stopped working, which Graph reports (404) on the next meeting call; the
+      launch then re-reads the table before asking the clinician to sign in again.
+
+    Negative results are never cached (a first-time clinician is looked up every time).
+    """
+
+    def __init__(
+        self,
+        configs: ConfigRepository,
+        mappings: MappingRepository,
+        *,
+        config_ttl: float = 30.0,
+        mapping_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._configs = configs
+        self._mappings = mappings
+        self._config_ttl = config_ttl
+        self._mapping_ttl = mapping_ttl
+        self._clock = clock
+        self._config_items: dict[str, tuple[float, TenantConfig]] = {}
+        self._mapping_items: dict[str, tuple[float, EhrUserMapping]] = {}
+        self._lock = threading.Lock()
+
+    def config(self, config_id: str) -> TenantConfig:
+        """The approved config; ``NotFoundError`` / ``InvalidStateError`` (not approved)."""
+        if not _CONFIG_ID_RE.match(config_id):
+            raise NotFoundError("No configuration has this id.")
+        now = self._clock()
+        with self._lock:
+            cached = self._config_items.get(config_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        config = self._configs.get_by_id(config_id).record
+        if config.status is not ConfigStatus.APPROVED:
+            self.forget_config(config_id)
+            raise InvalidStateError(
+                "This virtual-visit configuration is not approved yet.",
+                action="Ask the configuration's approver to complete the approval in the portal.",
+            )
+        with self._lock:
+            self._config_items[config_id] = (now + self._config_ttl, config)
+        return config
+
+    def forget_config(self, config_id: str) -> None:
+        with self._lock:
+            self._config_items.pop(config_id, None)
+
+    def mapping(self, user_key: str, *, fresh: bool = False) -> tuple[EhrUserMapping | None, bool]:
+        """``(mapping or None, came from the cache)``; ``fresh`` skips the cache."""
+        now = self._clock()
+        if not fresh:
+            with self._lock:
+                cached = self._mapping_items.get(user_key)
+            if cached is not None and cached[0] > now:
+                return cached[1], True
+        try:
+            mapping = self._mappings.get(user_key).record
+        except NotFoundError:
+            self.forget_mapping(user_key)
+            return None, False
+        self.remember_mapping(mapping)
+        return mapping, False
+
+    def remember_mapping(self, mapping: EhrUserMapping) -> None:
+        with self._lock:
+            self._mapping_items[mapping.ehr_user_key] = (
+                self._clock() + self._mapping_ttl,
+                mapping,
+            )
+
+    def forget_mapping(self, user_key: str) -> None:
+        with self._lock:
+            self._mapping_items.pop(user_key, None)
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    """The snapshot of the config a launch needs, sealed into its state."""
+
+    id: str
+    tenant_id: str
+    iss: str  # normalized FHIR base URL
+    client_id: str
+
+    def dump(self) -> dict[str, str]:
+        return {"id": self.id, "tid": self.tenant_id, "iss": self.iss, "cid": self.client_id}
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any]) -> _Cfg:
+        return cls(
+            id=str(data["id"]),
+            tenant_id=str(data["tid"]),
+            iss=str(data["iss"]),
+            client_id=str(data["cid"]),
+        )
+
+
+def _normalize_iss(url: str) -> str:
+    from connector_core.adapters.smart import normalize_fhir_base
+
+    return normalize_fhir_base(url)
+
+
+def _sha256(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _safe_location(container: Container, url: str, what: str) -> str:
+    """A redirect target from a trusted source, still checked: absolute, no CR/LF, https
+    (http only in dev mode)."""
+    parts = urlsplit(url)
+    if any(c in url for c in "\r\n\t\x00 ") or not parts.hostname:
+        raise EhrError(f"The {what} is not a usable URL.")
+    allowed = ("https", "http") if container.settings.dev_mode else ("https",)
+    if parts.scheme not in allowed:
+        raise EhrError(f"The {what} must be an https URL.")
+    return url
+
+
+def guest_join_url(join_web_url: str) -> str:
+    """The Teams join link variant that goes straight to joining in the browser as a guest."""
+    separator = "&" if urlsplit(join_web_url).query else "?"
+    return f"{join_web_url}{separator}anon=true"
+
+
+def _redirect_uri(container: Container, path: str) -> str:
+    return f"{container.settings.api_base_url}/launch/{path}"
+
+
+def _delete(name: str) -> SetCookie:
+    return SetCookie(name, "", 0)
+
+
+def _visit_cookie(container: Container, key: str) -> SetCookie:
+    sealed = container.keyring.seal(
+        "visit-cookie", {"visit_key": key}, ttl_seconds=VISIT_COOKIE_TTL_SECONDS
+    )
+    return SetCookie(VISIT_COOKIE, sealed, VISIT_COOKIE_TTL_SECONDS)
+
+
+# --- 1. launch ------------------------------------------------------------------------------
+
+
+def start_launch(
+    container: Container,
+    *,
+    role: LaunchRole,
+    config_id: str,
+    iss: str | None,
+    launch: str | None,
+) -> LaunchResult:
+    """Validate the EHR launch and send the browser to the EHR's authorize endpoint."""
+    if not iss or not launch:
+        raise InvalidInputError(
+            "This page must be opened by the EHR: the launch parameters (iss, launch) are missing.",
+            action="Start the visit from the EHR (the appointment's virtual visit button).",
+        )
+    if len(launch) > 2048 or len(iss) > 2048:
+        raise InvalidInputError("The launch parameters are too long.")
+    config = container.launch_cache.config(config_id)
+    issuer = _normalize_iss(config.fhir_base_url)
+    if _normalize_iss(iss) != issuer:
+        log_event(_log, "launch.iss_mismatch", level=logging.WARNING, config_id=config.id)
+        raise PermissionDeniedError(
+            "This launch came from an EHR that this virtual-visit configuration does not trust.",
+            action="Ask your EHR analyst to check that the launch URL in the EHR belongs to this "
+            "EHR environment (test or production).",
+        )
+    smart = container.smart.get_configuration(config.fhir_base_url)
+    if not smart.supports_s256():
+        raise EhrError(
+            "The EHR does not support PKCE with S256, which the connector requires.",
+            action="Ask your EHR analyst to enable PKCE (S256) for the connector's client.",
+        )
+    client_id = config.smart_client_id or container.settings.smart_client_id
+    cfg = _Cfg(id=config.id, tenant_id=config.tenant_id, iss=issuer, client_id=client_id)
+    verifier, challenge = new_pkce_pair()
+    browser_secret = random_token(32)
+    cookie_id = random_token(9)
+    nonce = random_token(16)
+    state = container.keyring.seal(
+        "launch-state",
+        {
+            "sid": random_token(16),  # 128 random bits: the single-use id
+            "cfg": cfg.dump(),
+            "role": role.value,
+            "pkce": verifier,
+            "nonce": nonce,
+            "ck": cookie_id,
+            "bind": _sha256(browser_secret),
+        },
+        ttl_seconds=STATE_TTL_SECONDS,
+    )
+    scopes = PROVIDER_LAUNCH_SCOPES if role is LaunchRole.PROVIDER else PATIENT_LAUNCH_SCOPES
+    url = container.smart.build_authorize_url(
+        smart,
+        client_id=client_id,
+        redirect_uri=_redirect_uri(container, "callback"),
+        scope=scope_string(scopes),
+        state=state,
+        code_challenge=challenge,
+        aud=config.fhir_base_url,
+        launch=launch,
+        nonce=nonce,
+    )
+    log_event(_log, "launch.started", config_id=config.id, role=role.value)
+    return LaunchResult(
+        redirect=_safe_location(container, url, "EHR's authorization endpoint"),
+        cookies=(SetCookie(LAUNCH_COOKIE_PREFIX + cookie_id, browser_secret, STATE_TTL_SECONDS),),
+    )
+
+
+# --- 2. callback ----------------------------------------------------------------------------
+
+_EHR_ERRORS = {
+    "access_denied": "The EHR did not allow the connector to start the visit (access denied).",
+    "invalid_scope": "The EHR did not grant the access the connector asks for (invalid scope).",
+    "unauthorized_client": "The EHR does not allow the connector's client to sign in "
+    "(unauthorized client).",
+    "temporarily_unavailable": "The EHR is temporarily unavailable.",
+    "server_error": "The EHR had an internal error.",
+    "invalid_request": "The EHR refused the sign-in request (invalid request).",
+}
+
+
+def _open_state(
+    container: Container, query: Mapping[str, str], cookies: Mapping[str, str]
+) -> tuple[dict[str, Any], SetCookie]:
+    state = query.get("state")
+    if not state:
+        raise InvalidInputError("The EHR's answer has no state.", action=_RESTART)
+    try:
+        payload = container.keyring.unseal("launch-state", state)
+    except AuthenticationError:
+        raise AuthenticationError(
+            "This sign-in answer is not valid: it was altered, is not from this connector, or "
+            "has expired (launches must complete within 10 minutes).",
+            action=_RESTART,
+        ) from None
+    cookie_name = LAUNCH_COOKIE_PREFIX + str(payload["ck"])
+    clear = _delete(cookie_name)
+    secret = cookies.get(cookie_name, "")
+    if not secret or not hmac.compare_digest(_sha256(secret), str(payload["bind"])):
+        raise AuthenticationError(
+            "This sign-in did not start in this browser (or its cookie was blocked).",
+            action="Start the visit again from the EHR, in the same browser window, with "
+            "cookies allowed.",
+        )
+    returned_iss = query.get("iss")
+    cfg = _Cfg.load(payload["cfg"])
+    if returned_iss and _normalize_iss(returned_iss) != cfg.iss:
+        raise AuthenticationError(
+            "This sign-in answer came from another issuer than the one the launch was sent to.",
+            action=_RESTART,
+        )
+    try:
+        container.nonces.consume(
+            str(payload["sid"]),
+            expires_at=container.clock() + timedelta(seconds=STATE_TTL_SECONDS),
+        )
+    except ConflictError:
+        raise AuthenticationError(
+            "This sign-in answer was already used.", action=_RESTART
+        ) from None
+    return payload, clear
+
+
+def complete_launch(
+    container: Container, *, query: Mapping[str, str], cookies: Mapping[str, str]
+) -> LaunchResult:
+    payload, clear = _open_state(container, query, cookies)
+    cfg = _Cfg.load(payload["cfg"])
+    role = LaunchRole(payload["role"])
+    error = query.get("error")
+    if error:
+        known = error if error in _EHR_ERRORS else "other"
+        log_event(_log, "launch.ehr_error", config_id=cfg.id, role=role.value, error=known)
+        message = _EHR_ERRORS.get(error, "The EHR could not complete the sign-in.")
+        if error == "access_denied":
+            raise PermissionDeniedError(
+                message,
+                action="If you declined, start the visit again and allow it. Otherwise ask "
+                "your EHR analyst to check the connector's access in the EHR.",
+            )
+        raise EhrError(message, action=_RESTART)
+    code = query.get("code")
+    if not code:
+        raise InvalidInputError("The EHR's answer has no authorization code.", action=_RESTART)
+
+    smart = container.smart.get_configuration(cfg.iss)
+    tokens = container.smart.exchange_code(
+        smart,
+        client_id=cfg.client_id,
+        code=code,
+        redirect_uri=_redirect_uri(container, "callback"),
+        code_verifier=str(payload["pkce"]),
+    )
+    claims: dict[str, Any] = {}
+    if tokens.id_token:
+        claims = container.smart.validate_id_token(
+            smart, tokens.id_token, client_id=cfg.client_id, nonce=str(payload["nonce"])
+        )
+    context = read_launch_context(
+        patient=tokens.patient, encounter=tokens.encounter, fhir_context=tokens.fhir_context
+    )
+    identifier = context.visit_identifier()
+    if identifier is None:
+        raise InvalidInputError(
+            "The EHR did not say which visit this is (no appointment, encounter or conference "
+            "id in the launch context).",
+            action="Start the virtual visit from the appointment in the EHR. If it keeps "
+            "happening, ask your EHR analyst to include the appointment in the launch context.",
+        )
+    key = visit_key(container.keyring, cfg.id, identifier)
+    if role is LaunchRole.PROVIDER:
+        fhir_user = parse_reference(claims.get("fhirUser"), expected=_PROVIDER_USER_TYPES)
+        if fhir_user is None:
+            raise PermissionDeniedError(
+                "The EHR did not identify you as a clinician (no practitioner fhirUser).",
+                action="Use the provider launch from the EHR's clinician workspace. Patients "
+                "start the visit from MyChart.",
+            )
+        pending = _Pending(
+            cfg=cfg,
+            user_key=ehr_user_key(container.keyring, cfg.iss, fhir_user),
+            visit_key=key,
+            visit_kind=identifier.kind,
+            sealed_context=_seal_context(container, cfg, context, practitioner=fhir_user),
+        )
+        result = _provider_continue(container, pending)
+    else:
+        fhir_user = parse_reference(claims.get("fhirUser"))
+        if fhir_user is not None and not fhir_user.startswith(_PATIENT_USER_TYPES):
+            raise PermissionDeniedError(
+                "This is the patient's link, but the EHR identified a staff member.",
+                action="Clinicians start the visit from the EHR's provider launch.",
+            )
+        result = _patient_continue(container, cfg, key, identifier.kind, context, smart, tokens)
+    return LaunchResult(
+        redirect=result.redirect, waiting=result.waiting, cookies=(clear, *result.cookies)
+    )
+
+
+def _seal_context(
+    container: Container, cfg: _Cfg, context: LaunchContext, *, practitioner: str | None
+) -> str:
+    return container.keyring.seal(
+        "visit-context",
+        {
+            "fhir_base_url": cfg.iss,
+            "practitioner": practitioner,
+            "patient": context.patient,
+            "appointment": context.appointment,
+            "encounter": context.encounter,
+            "conference_id": context.conference_id,
+        },
+    )
+
+
+# --- provider -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A provider launch waiting for the meeting (kept sealed across the Entra sign-in)."""
+
+    cfg: _Cfg
+    user_key: str
+    visit_key: str
+    visit_kind: str
+    sealed_context: str
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "cfg": self.cfg.dump(),
+            "uk": self.user_key,
+            "vk": self.visit_key,
+            "kind": self.visit_kind,
+            "ctx": self.sealed_context,
+        }
+
+    @classmethod
+    def load(cls, data: Mapping[str, Any]) -> _Pending:
+        return cls(
+            cfg=_Cfg.load(data["cfg"]),
+            user_key=str(data["uk"]),
+            visit_key=str(data["vk"]),
+            visit_kind=str(data["kind"]),
+            sealed_context=str(data["ctx"]),
+        )
+
+
+def _provider_continue(
+    container: Container, pending: _Pending, *, fresh: bool = False
+) -> LaunchResult:
+    mapping, cached = container.launch_cache.mapping(pending.user_key, fresh=fresh)
+    if mapping is None or mapping.entra_tid != pending.cfg.tenant_id:
+        return _start_sso(container, pending, reason="first_time" if mapping is None else "tenant")
+    try:
+        visit = _open_meeting(container, pending, organizer_oid=mapping.entra_oid)
+    except GraphError as error:
+        if error.extra.get("reason") != "user_not_found":
+            raise
+        container.launch_cache.forget_mapping(pending.user_key)
+        if cached:  # another worker may have re-established it already: read the table
+            return _provider_continue(container, pending, fresh=True)
+        # The mapped Entra user no longer works (deleted, moved): forget it, sign in again.
+        log_event(_log, "launch.mapping_stale", config_id=pending.cfg.id, user_key=pending.user_key)
+        container.mappings.delete(pending.user_key)
+        return _start_sso(container, pending, reason="stale_mapping")
+    return _to_meeting(container, pending, visit)
+
+
+def _to_meeting(container: Container, pending: _Pending, visit: Visit) -> LaunchResult:
+    assert visit.join_web_url is not None
+    log_event(
+        _log,
+        "launch.completed",
+        config_id=pending.cfg.id,
+        role="provider",
+        visit_key=visit.visit_key,
+        outcome="meeting",
+    )
+    return LaunchResult(
+        redirect=_safe_location(container, visit.join_web_url, "meeting link"),
+        cookies=(_visit_cookie(container, visit.visit_key),),
+    )
+
+
+def _start_sso(container: Container, pending: _Pending, *, reason: str) -> LaunchResult:
+    url, flow = container.entra_signin.start(
+        tenant_id=pending.cfg.tenant_id, redirect_uri=_redirect_uri(container, "sso-callback")
+    )
+    sealed = container.keyring.seal(
+        "launch-sso", {"flow": flow, "pending": pending.dump()}, ttl_seconds=STATE_TTL_SECONDS
+    )
+    log_event(
+        _log,
+        "launch.entra_signin",
+        config_id=pending.cfg.id,
+        user_key=pending.user_key,
+        reason=reason,
+    )
+    return LaunchResult(
+        redirect=_safe_location(container, url, "Microsoft sign-in URL"),
+        cookies=(SetCookie(SSO_COOKIE, sealed, STATE_TTL_SECONDS),),
+    )
+
+
+def complete_sso(
+    container: Container, *, query: Mapping[str, str], cookies: Mapping[str, str]
+) -> LaunchResult:
+    """Finish the clinician's Entra sign-in, remember the mapping, open the meeting."""
+    sealed = cookies.get(SSO_COOKIE)
+    if not sealed:
+        raise AuthenticationError(
+            "This Microsoft sign-in did not start in this browser, or took too long.",
+            action=_RESTART,
+        )
+    try:
+        data = container.keyring.unseal("launch-sso", sealed)
+    except AuthenticationError:
+        raise AuthenticationError(
+            "This Microsoft sign-in has expired (it must complete within 10 minutes).",
+            action=_RESTART,
+        ) from None
+    flow: dict[str, Any] = dict(data["flow"])
+    pending = _Pending.load(data["pending"])
+    clear = _delete(SSO_COOKIE)
+    if not hmac.compare_digest(str(query.get("state", "")), str(flow.get("state", ""))):
+        raise AuthenticationError(
+            "This Microsoft sign-in answer does not belong to this browser's sign-in.",
+            action=_RESTART,
+        )
+    try:
+        container.nonces.consume(
+            "sso-" + _sha256(str(flow["state"]))[:40],
+            expires_at=container.clock() + timedelta(seconds=STATE_TTL_SECONDS),
+        )
+    except ConflictError:
+        raise AuthenticationError(
+            "This Microsoft sign-in answer was already used.", action=_RESTART
+        ) from None
+    if query.get("error"):
+        code = str(query["error"])[:40]
+        log_event(_log, "launch.entra_error", config_id=pending.cfg.id, error=code)
+        raise AuthenticationError(
+            f"Microsoft sign-in did not complete ({code}).",
+            action="Start the visit again from the EHR and sign in with your work account. If "
+            "your account is disabled, contact your administrator.",
+        )
+    user = container.entra_signin.complete(
+        tenant_id=pending.cfg.tenant_id, flow=flow, auth_response=dict(query)
+    )
+    if user.tid != pending.cfg.tenant_id.lower():
+        raise PermissionDeniedError(
+            "You signed in with an account of another organization.",
+            action="Start the visit again from the EHR and sign in with your work account of "
+            "the organization that set up virtual visits.",
+        )
+    now = container.clock()
+    mapping = EhrUserMapping(
+        ehr_user_key=pending.user_key,
+        region=container.settings.region,
+        tenant_id=pending.cfg.tenant_id,
+        entra_oid=user.oid,
+        entra_tid=user.tid,
+        created_at=now,
+        last_used_at=now,
+    )
+    container.mappings.upsert(mapping)
+    container.launch_cache.remember_mapping(mapping)
+    log_event(_log, "launch.mapping_stored", config_id=pending.cfg.id, user_key=pending.user_key)
+    try:
+        visit = _open_meeting(container, pending, organizer_oid=user.oid)
+    except GraphError as error:
+        if error.extra.get("reason") == "user_not_found":
+            container.launch_cache.forget_mapping(pending.user_key)
+            container.mappings.delete(pending.user_key)
+            raise GraphError(
+                "Microsoft Teams does not know the account you signed in with.",
+                action="Start the visit again from the EHR and sign in with your work account "
+                "that has Microsoft Teams.",
+            ) from None
+        raise
+    result = _to_meeting(container, pending, visit)
+    return LaunchResult(redirect=result.redirect, cookies=(clear, *result.cookies))
+
+
+# --- the meeting ----------------------------------------------------------------------------
+
+
+def _get_visit(container: Container, key: str) -> Visit | None:
+    try:
+        return container.visits.get(key).record
+    except NotFoundError:
+        return None
+
+
+def _ensure_subscription_quietly(container: Container, visit: Visit) -> None:
+    now = container.clock()
+    if visit.subscription_id is not None and (
+        visit.subscription_expires_at is None or visit.subscription_expires_at > now
+    ):
+        return
+    try:
+        ensure_subscription(container, visit.visit_key)
+    except ConnectorError as error:
+        log_event(
+            _log,
+            "launch.subscription_retry_failed",
+            level=logging.WARNING,
+            visit_key=visit.visit_key,
+            error=type(error).__name__,
+        )
+
+
+def _graph_page_error(error: GraphError) -> ConnectorError:
+    if error.extra.get("reason") == "application_access_policy":
+        return PermissionDeniedError(error.detail, **error.extra)
+    return error
+
+
+def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str) -> Visit:
+    """The visit's meeting, created (with its subscription) as ``organizer_oid`` if needed."""
+    read_first = pending.visit_kind == "conference"
+    if read_first:
+        # A group visit: another clinician or an interpreter may have opened it already; they
+        # all join the meeting that exists (createOrGet is per organizer).
+        existing = _get_visit(container, pending.visit_key)
+        if existing is not None and existing.join_web_url:
+            _ensure_subscription_quietly(container, existing)
+            return existing
+    now = container.clock()
+    try:
+        meeting = container.graph.create_or_get_meeting(
+            tenant_id=pending.cfg.tenant_id,
+            organizer_oid=organizer_oid,
+            external_id=pending.visit_key,
+            subject=MEETING_SUBJECT,
+            start=now,
+            end=now + MEETING_LENGTH,
+        )
+    except GraphError as error:
+        raise _graph_page_error(error) from None
+    _safe_location(container, meeting.join_web_url, "meeting link")
+    if not meeting.created and not read_first:
+        existing = _get_visit(container, pending.visit_key)
+        if existing is not None and existing.join_web_url:
+            _ensure_subscription_quietly(container, existing)
+            return existing
+    subscription = try_create_subscription(
+        container,
+        visit_key=pending.visit_key,
+        tenant_id=pending.cfg.tenant_id,
+        join_web_url=meeting.join_web_url,
+    )
+    visit = Visit(
+        visit_key=pending.visit_key,
+        region=container.settings.region,
+        config_id=pending.cfg.id,
+        tenant_id=pending.cfg.tenant_id,
+        meeting_id=meeting.id,
+        join_web_url=meeting.join_web_url,
+        organizer_oid=organizer_oid,
+        subscription_id=subscription[0] if subscription else None,
+        subscription_expires_at=subscription[1] if subscription else None,
+        sealed_context=pending.sealed_context,
+        created_at=now,
+        updated_at=now,
+        purge_after=now + VISIT_RETENTION,
+    )
+    try:
+        container.visits.create(visit)
+        return visit
+    except ConflictError:
+        pass
+    # Someone created the visit meanwhile (the patient's launch, another clinician): theirs wins.
+    existing = container.visits.get(pending.visit_key).record
+    if subscription is not None and existing.subscription_id != subscription[0]:
+        from connector_core.service.subscriptions import discard_subscription
+
+        discard_subscription(
+            container, tenant_id=pending.cfg.tenant_id, subscription_id=subscription[0]
+        )
+    if existing.join_web_url != meeting.join_web_url:
+        log_event(_log, "launch.duplicate_meeting", visit_key=pending.visit_key)
+    if existing.join_web_url:
+        _ensure_subscription_quietly(container, existing)
+        return existing
+    return visit
+
+
+# --- patient --------------------------------------------------------------------------------
+
+
+def _patient_continue(
+    container: Container,
+    cfg: _Cfg,
+    key: str,
+    kind: str,
+    context: LaunchContext,
+    smart: SmartConfiguration,
+    tokens: SmartTokenResponse,
+) -> LaunchResult:
+    existing = _get_visit(container, key)
+    if existing is not None and existing.join_web_url:
+        return _patient_to_meeting(container, cfg, existing)
+    # The clinician has not opened the visit yet. If the visit's clinician signed in before
+    # (mapped), the meeting can be created as them now.
+    for practitioner in _visit_practitioners(container, smart, tokens, context):
+        user_key = ehr_user_key(container.keyring, cfg.iss, practitioner)
+        mapping, _ = container.launch_cache.mapping(user_key)
+        if mapping is None or mapping.entra_tid != cfg.tenant_id:
+            continue
+        pending = _Pending(
+            cfg=cfg,
+            user_key=user_key,
+            visit_key=key,
+            visit_kind=kind,
+            sealed_context=_seal_context(container, cfg, context, practitioner=practitioner),
+        )
+        try:
+            visit = _open_meeting(container, pending, organizer_oid=mapping.entra_oid)
+        except ConnectorError as error:
+            # The patient cannot fix this; they wait for the clinician (who sees the error).
+            log_event(
+                _log,
+                "launch.patient_meeting_failed",
+                level=logging.WARNING,
+                visit_key=key,
+                error=type(error).__name__,
+                reason=error.extra.get("reason", "-"),
+            )
+            break
+        return _patient_to_meeting(container, cfg, visit)
+    log_event(
+        _log,
+        "launch.completed",
+        config_id=cfg.id,
+        role="patient",
+        visit_key=key,
+        outcome="waiting",
+    )
+    wait = container.keyring.seal(
+        "launch-wait", {"vk": key, "cfg": cfg.id}, ttl_seconds=WAIT_TTL_SECONDS
+    )
+    return LaunchResult(waiting=True, cookies=(SetCookie(WAIT_COOKIE, wait, WAIT_TTL_SECONDS),))
+
+
+def _patient_to_meeting(container: Container, cfg: _Cfg, visit: Visit) -> LaunchResult:
+    assert visit.join_web_url is not None
+    log_event(
+        _log,
+        "launch.completed",
+        config_id=cfg.id,
+        role="patient",
+        visit_key=visit.visit_key,
+        outcome="meeting",
+    )
+    url = _safe_location(container, guest_join_url(visit.join_web_url), "meeting link")
+    return LaunchResult(redirect=url)
+
+
+def _visit_practitioners(
+    container: Container,
+    smart: SmartConfiguration,
+    tokens: SmartTokenResponse,
+    context: LaunchContext,
+) -> list[str]:
+    """The visit's practitioners ("Practitioner/id"), primary performer first, read from the
+    Appointment (or Encounter) with the patient's token. Empty when it cannot be read."""
+    reference = context.appointment or context.encounter
+    if reference is None:
+        return []
+    try:
+        resource = container.smart.read_resource(
+            smart.fhir_base_url, reference, access_token=tokens.access_token
+        )
+    except EhrError as error:
+        log_event(
+            _log,
+            "launch.fhir_read_failed",
+            level=logging.WARNING,
+            status=error.extra.get("ehrStatus", "-"),
+        )
+        return []
+    return _practitioners_in(resource)[:3]
+
+
+def _practitioners_in(resource: Mapping[str, Any]) -> list[str]:
+    rtype = resource.get("resourceType")
+    primary: list[str] = []
+    others: list[str] = []
+    try:
+        if rtype == "Appointment":
+            from fhir.resources.R4B.appointment import Appointment
+
+            appointment = Appointment.model_validate(resource)
+            for participant in appointment.participant or []:
+                ref = parse_reference(
+                    participant.actor.reference if participant.actor else None,
+                    expected=("Practitioner",),
+                )
+                codes = {c.code for t in participant.type or [] for c in t.coding or [] if c.code}
+                if ref:
+                    (primary if codes & {"PPRF", "ATND"} else others).append(ref)
+        elif rtype == "Encounter":
+            from fhir.resources.R4B.encounter import Encounter
+
+            encounter = Encounter.model_validate(resource)
+            for member in encounter.participant or []:
+                ref = parse_reference(
+                    member.individual.reference if member.individual else None,
+                    expected=("Practitioner",),
+                )
+                if ref:
+                    others.append(ref)
+    except ValueError:
+        log_event(_log, "launch.fhir_resource_invalid", level=logging.WARNING, type=str(rtype))
+        return []
+    return list(dict.fromkeys(primary + others))
+
+
+def poll_waiting(container: Container, *, cookies: Mapping[str, str]) -> LaunchResult:
+    """The patient's waiting page asks again: the meeting, once the clinician has opened it."""
+    sealed = cookies.get(WAIT_COOKIE)
+    if not sealed:
+        raise AuthenticationError(
+            "This waiting page has expired or was opened in another browser.",
+            action="Open the visit again from MyChart.",
+        )
+    try:
+        data = container.keyring.unseal("launch-wait", sealed)
+    except AuthenticationError:
+        raise AuthenticationError(
+            "This waiting page has expired.", action="Open the visit again from MyChart."
+        ) from None
+    visit = _get_visit(container, str(data["vk"]))
+    if visit is None or not visit.join_web_url:
+        return LaunchResult(waiting=True)
+    log_event(_log, "launch.waiting_done", visit_key=visit.visit_key)
+    url = _safe_location(container, guest_join_url(visit.join_web_url), "meeting link")
+    return LaunchResult(redirect=url, cookies=(_delete(WAIT_COOKIE),))

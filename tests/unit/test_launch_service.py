@@ -1,0 +1,412 @@
+"""The launch use cases over in-memory storage and fake SMART / Graph / Entra adapters."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from connector_core.domain.models import ConfigStatus
+from connector_core.domain.visit_keys import VisitIdentifier, visit_key
+from connector_core.errors import (
+    AuthenticationError,
+    EhrError,
+    GraphError,
+    InvalidInputError,
+    InvalidStateError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from connector_core.service.launch import (
+    LAUNCH_COOKIE_PREFIX,
+    SSO_COOKIE,
+    VISIT_COOKIE,
+    WAIT_COOKIE,
+    LaunchRole,
+    complete_sso,
+    poll_waiting,
+)
+from connector_core.service.subscriptions import client_state_of
+from tests.unit.launch_fakes import (
+    APPOINTMENT_ID,
+    FHIR,
+    ORGANIZER,
+    PRACTITIONER,
+    SENSITIVE,
+    TENANT,
+    World,
+    make_world,
+    state_of,
+)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def _sso(world: World, **query: str) -> object:
+    flow_state = parse_qs(urlsplit(world_last_redirect[0]).query)["state"][0]
+    return world.apply(
+        complete_sso(
+            world.container, query={"state": flow_state, "code": "x", **query}, cookies=world.jar
+        )
+    )
+
+
+world_last_redirect: list[str] = [""]
+
+
+def _first_launch_with_signin(world: World) -> str:
+    result = world.launch()
+    assert result.redirect is not None and result.redirect.startswith("https://login.example/")
+    world_last_redirect[0] = result.redirect
+    done = _sso(world)
+    assert done.redirect is not None  # type: ignore[attr-defined]
+    return done.redirect  # type: ignore[attr-defined,no-any-return]
+
+
+# --- start ------------------------------------------------------------------------------------
+
+
+def test_start_redirects_to_the_authorize_endpoint_with_pkce_and_binding_cookie(
+    world: World,
+) -> None:
+    result = world.start()
+    assert result.redirect is not None
+    parts = urlsplit(result.redirect)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert result.redirect.startswith("https://ehr.example/oauth2/authorize?")
+    assert query["aud"] == FHIR
+    assert query["launch"] == "L"
+    assert query["code_challenge_method"] == "S256"
+    assert len(query["code_challenge"]) == 43
+    assert query["scope"] == "launch openid fhirUser"
+    assert query["redirect_uri"] == "http://127.0.0.1:7071/api/launch/callback"
+    (cookie,) = result.cookies
+    assert cookie.name.startswith(LAUNCH_COOKIE_PREFIX) and cookie.max_age == 600
+    # the state is sealed: nothing readable in it
+    assert "prac" not in query["state"] and FHIR not in query["state"]
+
+
+def test_patient_launch_asks_for_appointment_read_in_its_compartment(world: World) -> None:
+    result = world.start(LaunchRole.PATIENT)
+    scope = parse_qs(urlsplit(result.redirect or "").query)["scope"][0]
+    assert "patient/Appointment.read" in scope.split()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"iss": "https://other.example/fhir/r4"}, PermissionDeniedError),
+        ({"iss": ""}, InvalidInputError),
+        ({"launch": ""}, InvalidInputError),
+    ],
+)
+def test_start_refuses_bad_launches(world: World, kwargs: dict[str, str], error: type) -> None:
+    with pytest.raises(error):
+        world.start(**kwargs)
+
+
+def test_start_accepts_an_iss_differing_only_in_case_and_slash(world: World) -> None:
+    assert world.start(iss="HTTPS://EHR.example/fhir/r4/").redirect
+
+
+def test_start_refuses_unapproved_and_unknown_configs() -> None:
+    world = make_world(status=ConfigStatus.PENDING_APPROVAL)
+    with pytest.raises(InvalidStateError):
+        world.start()
+    world.config = world.config.model_copy(update={"id": "no-such-config"})
+    with pytest.raises(NotFoundError):
+        world.start()
+    world.config = world.config.model_copy(update={"id": "../etc"})
+    with pytest.raises(NotFoundError):
+        world.start()
+
+
+def test_start_refuses_an_ehr_without_s256(world: World) -> None:
+    world.smart.s256 = False
+    with pytest.raises(EhrError, match="S256"):
+        world.start()
+
+
+# --- callback: state --------------------------------------------------------------------------
+
+
+def test_forged_state_is_refused(world: World) -> None:
+    world.start()
+    with pytest.raises(AuthenticationError, match="not valid"):
+        world.callback("AQ" + "x" * 80)
+
+
+def test_state_from_another_browser_is_refused(world: World) -> None:
+    state = state_of(world.start())
+    world.jar.clear()
+    with pytest.raises(AuthenticationError, match="browser"):
+        world.callback(state)
+
+
+def test_replayed_state_is_refused(world: World) -> None:
+    world.map_clinician()
+    state = state_of(world.start())
+    saved = dict(world.jar)
+    world.callback(state)
+    world.jar.update(saved)  # even with the cookie put back
+    with pytest.raises(AuthenticationError, match="already used"):
+        world.callback(state)
+
+
+def test_answer_from_another_issuer_is_refused(world: World) -> None:
+    state = state_of(world.start())
+    with pytest.raises(AuthenticationError, match="issuer"):
+        world.callback(state, iss="https://evil.example/fhir")
+
+
+def test_ehr_access_denied_is_a_clear_error(world: World) -> None:
+    state = state_of(world.start())
+    with pytest.raises(PermissionDeniedError) as caught:
+        world.callback(state, error="access_denied", error_description="<script>")
+    assert "access denied" in caught.value.detail
+    assert "<script>" not in caught.value.detail
+    assert world.smart.exchanges == []
+
+
+def test_code_verifier_from_the_state_is_sent(world: World) -> None:
+    world.map_clinician()
+    world.launch()
+    (exchange,) = world.smart.exchanges
+    assert len(exchange["code_verifier"]) >= 43
+    assert exchange["redirect_uri"].endswith("/api/launch/callback")
+
+
+def test_launch_without_visit_context_is_refused(world: World) -> None:
+    world.smart.context = {"patient": "p"}
+    with pytest.raises(InvalidInputError, match="which visit"):
+        world.launch()
+
+
+def test_provider_launch_needs_a_practitioner(world: World) -> None:
+    world.smart.fhir_user = f"{FHIR}/Patient/p1"
+    with pytest.raises(PermissionDeniedError, match="clinician"):
+        world.launch()
+
+
+# --- provider ---------------------------------------------------------------------------------
+
+
+def test_first_launch_signs_in_then_meeting_and_second_launch_goes_straight(world: World) -> None:
+    join = _first_launch_with_signin(world)
+    assert join.startswith("https://teams.example/l/meetup-join/")
+    assert SSO_COOKIE not in world.jar
+    assert VISIT_COOKIE in world.jar
+    assert world.graph.calls == ["createOrGet", "subscription"]
+    mapping = world.container.mappings.get(
+        __import__("connector_core.domain.visit_keys", fromlist=["x"]).ehr_user_key(
+            world.container.keyring, FHIR, PRACTITIONER
+        )
+    ).record
+    assert mapping.entra_oid == ORGANIZER
+    again = world.launch()
+    assert again.redirect == join
+    assert world.entra.started == 1
+    assert world.graph.calls == ["createOrGet", "subscription", "createOrGet"]
+
+
+def test_repeat_clinician_new_visit_warm_path_is_four_table_operations(world: World) -> None:
+    world.map_clinician()
+    world.launch()  # warms the config cache
+    world.smart.context["fhirContext"] = [{"reference": "Appointment/another"}]
+    world.graph.calls.clear()
+    before = world.ops
+    result = world.launch()
+    assert result.redirect and result.redirect.startswith("https://teams.example/")
+    # state nonce, subscription record + its index row, visit (config and mapping cached)
+    assert world.ops - before == 4
+    assert world.graph.calls == ["createOrGet", "subscription"]
+    # and when the meeting exists: nonce, visit read; createOrGet only
+    world.graph.calls.clear()
+    before = world.ops
+    world.launch()
+    assert world.ops - before == 2
+    assert world.graph.calls == ["createOrGet"]
+
+
+def test_visit_record_holds_keys_and_sealed_refs_only(world: World) -> None:
+    world.map_clinician()
+    world.launch()
+    dump = json.dumps(world.container.store.dump())  # type: ignore[attr-defined]
+    for value in SENSITIVE:
+        assert value not in dump
+    key = visit_key(
+        world.container.keyring, world.config.id, VisitIdentifier("appointment", APPOINTMENT_ID)
+    )
+    visit = world.container.visits.get(key).record
+    refs = world.container.keyring.unseal("visit-context", visit.sealed_context or "")
+    assert refs["practitioner"] == PRACTITIONER
+    assert refs["appointment"] == f"Appointment/{APPOINTMENT_ID}"
+    assert visit.organizer_oid == ORGANIZER
+    assert visit.subscription_id in world.graph.subscriptions
+    sub = world.container.subscriptions.get(visit.subscription_id or "").record
+    assert sub.visit_key == key
+    assert client_state_of(world.container, sub) == world.graph.subscriptions[sub.subscription_id]
+
+
+def test_subscription_failure_does_not_block_and_is_retried_next_launch(world: World) -> None:
+    world.map_clinician()
+    world.graph.subscription_error = GraphError("validation failed", reason="failed")
+    assert world.launch().redirect
+    world.graph.subscription_error = None
+    world.launch()
+    assert world.graph.calls.count("subscription") == 2
+    assert len(world.graph.subscriptions) == 1
+
+
+def test_mapping_cached_by_another_worker_is_re_read_before_signing_in_again(
+    world: World,
+) -> None:
+    world.map_clinician()
+    world.launch()  # cached here
+    world.map_clinician(oid="33333333-0000-0000-0000-000000000000")  # re-established elsewhere
+    world.smart.context["fhirContext"] = [{"reference": "Appointment/another"}]
+    world.graph.meeting_error = GraphError("no user", reason="user_not_found")
+    calls = world.graph.calls
+
+    def fail_once(**kwargs: object) -> object:
+        world.graph.create_or_get_meeting = original  # type: ignore[method-assign]
+        calls.append("createOrGet")
+        raise GraphError("no user", reason="user_not_found")
+
+    original = type(world.graph).create_or_get_meeting.__get__(world.graph)
+    world.graph.meeting_error = None
+    world.graph.create_or_get_meeting = fail_once  # type: ignore[method-assign,assignment]
+    result = world.launch()
+    assert result.redirect and result.redirect.startswith("https://teams.example/")
+    assert world.entra.started == 0
+
+
+def test_stale_mapping_is_re_established(world: World) -> None:
+    world.map_clinician(oid="99999999-0000-0000-0000-000000000000")
+    world.graph.meeting_error = GraphError("no user", reason="user_not_found")
+    result = world.launch()
+    assert result.redirect and result.redirect.startswith("https://login.example/")
+    world.graph.meeting_error = None
+    world_last_redirect[0] = result.redirect
+    done = _sso(world)
+    assert done.redirect.startswith("https://teams.example/")  # type: ignore[attr-defined]
+
+
+def test_access_policy_403_becomes_a_page_for_the_admin(world: World) -> None:
+    world.map_clinician()
+    world.graph.meeting_error = GraphError(
+        "no policy", reason="application_access_policy", action="Contact your administrator"
+    )
+    with pytest.raises(PermissionDeniedError) as caught:
+        world.launch()
+    assert "administrator" in caught.value.extra["action"]
+
+
+def test_sso_from_another_tenant_is_refused(world: World) -> None:
+    world.entra.user = type(world.entra.user)(oid=ORGANIZER, tid="other-tenant")
+    result = world.launch()
+    world_last_redirect[0] = result.redirect or ""
+    with pytest.raises(PermissionDeniedError, match="another organization"):
+        _sso(world)
+
+
+def test_sso_replay_and_missing_cookie_are_refused(world: World) -> None:
+    result = world.launch()
+    world_last_redirect[0] = result.redirect or ""
+    saved = dict(world.jar)
+    _sso(world)
+    world.jar.update(saved)
+    with pytest.raises(AuthenticationError, match="already used"):
+        _sso(world)
+    world.jar.clear()
+    with pytest.raises(AuthenticationError, match="browser"):
+        _sso(world)
+
+
+def test_sso_error_answer_is_clear(world: World) -> None:
+    result = world.launch()
+    world_last_redirect[0] = result.redirect or ""
+    with pytest.raises(AuthenticationError, match="access_denied"):
+        _sso(world, error="access_denied")
+
+
+def test_group_visit_launches_share_one_meeting(world: World) -> None:
+    world.use_conference()
+    world.map_clinician()
+    first = world.launch()
+    # the interpreter (another practitioner, another Entra user) joins the same meeting
+    world.smart.fhir_user = f"{FHIR}/Practitioner/interpreter-1"
+    world.map_clinician("Practitioner/interpreter-1", oid="22222222-0000-0000-0000-000000000000")
+    world.smart.context["fhirContext"][0] = {"reference": "Appointment/other-appt"}
+    second = world.launch()
+    assert first.redirect == second.redirect
+    assert world.graph.calls.count("createOrGet") == 1
+
+
+# --- patient ----------------------------------------------------------------------------------
+
+
+def test_patient_joins_the_clinicians_meeting_as_a_browser_guest(world: World) -> None:
+    world.map_clinician()
+    join = world.launch().redirect or ""
+    world.smart.fhir_user = f"{FHIR}/Patient/pat-secret-1"
+    patient = world.launch(LaunchRole.PATIENT)
+    assert patient.redirect == join + "&anon=true"
+    assert world.smart.reads == []  # no FHIR read when the meeting exists
+
+
+def test_patient_first_creates_the_meeting_as_the_mapped_practitioner(world: World) -> None:
+    world.map_clinician()
+    world.smart.fhir_user = f"{FHIR}/Patient/pat-secret-1"
+    patient = world.launch(LaunchRole.PATIENT)
+    assert patient.redirect and patient.redirect.endswith("&anon=true")
+    assert world.smart.reads == [f"Appointment/{APPOINTMENT_ID}"]
+    world.smart.fhir_user = f"{FHIR}/{PRACTITIONER}"
+    clinician = world.launch()
+    assert patient.redirect == (clinician.redirect or "") + "&anon=true"
+
+
+def test_patient_waits_until_the_clinician_starts(world: World) -> None:
+    world.smart.fhir_user = f"{FHIR}/Patient/pat-secret-1"
+    waiting = world.launch(LaunchRole.PATIENT)
+    assert waiting.waiting and WAIT_COOKIE in world.jar
+    assert poll_waiting(world.container, cookies=world.jar).waiting
+    world.smart.fhir_user = f"{FHIR}/{PRACTITIONER}"
+    world.map_clinician()
+    join = world.launch().redirect
+    moved = world.apply(poll_waiting(world.container, cookies=world.jar))
+    assert moved.redirect == f"{join}&anon=true"
+    assert WAIT_COOKIE not in world.jar
+
+
+def test_waiting_page_without_its_cookie_is_refused(world: World) -> None:
+    with pytest.raises(AuthenticationError):
+        poll_waiting(world.container, cookies={})
+    with pytest.raises(AuthenticationError):
+        poll_waiting(world.container, cookies={WAIT_COOKIE: "forged"})
+
+
+def test_patient_link_used_by_staff_is_refused(world: World) -> None:
+    with pytest.raises(PermissionDeniedError):
+        world.launch(LaunchRole.PATIENT)
+
+
+def test_redirect_to_a_non_https_meeting_is_refused_outside_dev_mode() -> None:
+    from tests.helpers import in_memory_container
+    from tests.unit import launch_fakes
+
+    world = make_world()
+    strict = in_memory_container(CONNECTOR_DEV_MODE=None)
+    strict.store = world.container.store
+    assert strict.settings.dev_mode is False
+    from connector_core.service.launch import _safe_location
+
+    with pytest.raises(EhrError):
+        _safe_location(strict, "http://teams.example/l/x", "meeting link")
+    with pytest.raises(EhrError):
+        _safe_location(world.container, "https://teams.example/\r\nSet-Cookie: x", "meeting link")
+    assert launch_fakes.TENANT == TENANT
