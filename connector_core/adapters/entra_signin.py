@@ -7,6 +7,9 @@ Microsoft clouds (the sandbox), as msal would otherwise ask login.microsoftonlin
 
 Sign-in is the authorization code flow with PKCE and nonce (msal generates and checks both). The
 flow dict msal returns is kept by the caller (sealed, in a browser cookie), never in a table.
+The answer comes back as a GET (query response mode; msal warns that it prefers form_post, a
+warning silenced here on purpose): a cross-site form POST from Entra would not carry the
+SameSite=Lax cookie that binds the sign-in to the browser.
 """
 
 from __future__ import annotations
@@ -109,11 +112,13 @@ class EntraSignIn:
     ) -> tuple[str, dict[str, Any]]:
         """``(authorize URL, flow)``: send the browser to the URL, keep the flow (sealed)."""
         app = self._apps.app(tenant_id)
-        flow: dict[str, Any] = app.initiate_auth_code_flow(
-            scopes=[],  # openid profile (msal adds them): identity only, no API access
-            redirect_uri=redirect_uri,
-            login_hint=login_hint,
-        )  # query response mode (msal's default): the callback is a GET with SameSite=Lax cookies
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*response_mode.*", category=UserWarning)
+            flow: dict[str, Any] = app.initiate_auth_code_flow(
+                scopes=[],  # openid profile (msal adds them): identity only, no API access
+                redirect_uri=redirect_uri,
+                login_hint=login_hint,
+            )
         if "error" in flow or "auth_uri" not in flow:
             raise DependencyError("The Microsoft sign-in could not be started.")
         url = str(flow["auth_uri"])
@@ -128,8 +133,6 @@ class EntraSignIn:
         app = self._apps.app(tenant_id)
         try:
             with warnings.catch_warnings():
-                # msal recommends form_post; the connector keeps the query response mode on
-                # purpose: a cross-site POST would not carry the SameSite=Lax sign-in cookie.
                 warnings.filterwarnings("ignore", message=".*response_mode.*", category=UserWarning)
                 result: dict[str, Any] = app.acquire_token_by_auth_code_flow(
                     dict(flow), dict(auth_response)
