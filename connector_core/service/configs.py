@@ -202,6 +202,15 @@ def _client_id(container: Container, config: TenantConfig) -> str:
     return config.smart_client_id or container.settings.smart_client_id
 
 
+def _forget_in_launch_cache(container: Container, config_id: str) -> None:
+    """Launches on this worker stop using a changed or deleted config at once (other workers
+    within the launch cache's TTL). The cache exists only where launches were served."""
+    cache = container.__dict__.get("launch_cache")
+    forget = getattr(cache, "forget_config", None)
+    if callable(forget):
+        forget(config_id)
+
+
 def _ensure_unique(
     container: Container, tenant_id: str, environment: str, url: str, *, own_id: str | None
 ) -> None:
@@ -275,6 +284,7 @@ def update_config(
     if updated is record:
         return current
     etag = container.configs.update(updated, expected=current)
+    _forget_in_launch_cache(container, record.id)
     log_event(
         _log,
         "config.updated",
@@ -292,6 +302,7 @@ def delete_config(
     current = _load(container, caller, config_id)
     _check_if_match(if_match, current, required=False)
     container.configs.delete(caller.tenant_id, config_id)
+    _forget_in_launch_cache(container, config_id)
     log_event(_log, "config.deleted", config_id=config_id, tenant_id=caller.tenant_id)
 
 
