@@ -598,3 +598,18 @@ def test_openapi_document_covers_every_portal_route(api: Portal) -> None:
     assert set(schemas["ConfigInput"]["required"]) == {"fhirBaseUrl", "approverUpn", "environment"}
     assert schemas["ConfigInput"]["additionalProperties"] is False
     assert "integrationRecords" in schemas["ConfigOut"]["properties"]
+
+
+def test_changed_or_deleted_configs_leave_the_launch_cache(api: Portal) -> None:
+    forgotten: list[str] = []
+
+    class Cache:
+        def forget_config(self, config_id: str) -> None:
+            forgotten.append(config_id)
+
+    api.container.__dict__["launch_cache"] = Cache()
+    created = api.create()
+    config_id = json_of(created)["id"]
+    api.put(config_id, _edit(env="production"), headers={"If-Match": created.headers["ETag"]})
+    api.delete(config_id)
+    assert forgotten == [config_id, config_id]
