@@ -353,13 +353,14 @@ class FhirProbe:
         for address in addresses:
             reason = check_address(address, dev_mode=self.dev_mode)
             if reason is not None:
-                shown = "" if address == host else f" ({address})"
+                # Name the address only for loopback: telling which internal address a name
+                # resolves to would make this check a small map of the internal network.
+                shown = f" ({address})" if "loopback" in reason and address != host else ""
                 raise _problem(
                     "url-target",
                     f"The {what} points to {reason}{shown}, which the connector does not call. "
                     "Use the EHR's public FHIR endpoint (internal, loopback and link-local "
                     "addresses are accepted only in dev mode).",
-                    address=address,
                 )
         return addresses[0]
 
