@@ -39,6 +39,25 @@ class Landing:
         return urlsplit(str(self.response.url)).netloc
 
 
+def own_config(stack: Stack) -> TenantConfig:
+    """A new approved config for the sandbox EHR (its visits are all new). One config per FHIR
+    URL and environment may exist in a tenant: a leftover of another test is removed first."""
+    from connector_core.errors import ConflictError
+
+    try:
+        return stack.create_approved_config()
+    except ConflictError as conflict:
+        existing = conflict.extra.get("existingId")
+        if not existing:
+            raise
+        stack.container().configs.delete(stack.tenant(0).tid, str(existing))
+        return stack.create_approved_config()
+
+
+def drop_config(stack: Stack, config: TenantConfig) -> None:
+    stack.container().configs.delete(config.tenant_id, config.id)
+
+
 def user_key(stack: Stack, practitioner_id: str) -> str:
     container = stack.container()
     return ehr_user_key(

@@ -16,7 +16,9 @@ from connector_core.domain.models import TenantConfig
 from devtools.sandbox import seed
 from tests.e2e.launch.helpers import (
     clinician_launch,
+    drop_config,
     forget_mapping,
+    own_config,
     patient_launch,
     set_mapping,
 )
@@ -33,9 +35,9 @@ GROUP_A, GROUP_B = seed.GROUP_APPOINTMENT_IDS  # one conference, prac-2b8e4d17 +
 def config(fresh_stack: Stack) -> Iterator[TenantConfig]:
     """A config of its own per test (its visits are new), removed afterwards (one config per
     FHIR URL and environment may exist in a tenant)."""
-    created = fresh_stack.create_approved_config()
+    created = own_config(fresh_stack)
     yield created
-    fresh_stack.container().configs.delete(created.tenant_id, created.id)
+    drop_config(fresh_stack, created)
 
 
 @pytest.fixture

@@ -11,7 +11,13 @@ import pytest
 from connector_core.domain.models import TenantConfig
 from devtools.sandbox import seed
 from devtools.sandbox.entra import SENSITIVE_VALUES as ENTRA_SENSITIVE
-from tests.e2e.launch.helpers import clinician_launch, forget_mapping, patient_launch
+from tests.e2e.launch.helpers import (
+    clinician_launch,
+    drop_config,
+    forget_mapping,
+    own_config,
+    patient_launch,
+)
 from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
@@ -19,9 +25,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def config(fresh_stack: Stack) -> Iterator[TenantConfig]:
-    created = fresh_stack.create_approved_config()
+    created = own_config(fresh_stack)
     yield created
-    fresh_stack.container().configs.delete(created.tenant_id, created.id)
+    drop_config(fresh_stack, created)
 
 
 def test_tables_and_logs_hold_no_people_or_clinical_ids(
