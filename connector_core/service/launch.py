@@ -280,7 +280,7 @@ def _delete(name: str) -> SetCookie:
 
 def _visit_cookie(container: Container, key: str) -> SetCookie:
     sealed = container.keyring.seal(
-        "visit-cookie", {"visit_key": key}, ttl_seconds=VISIT_COOKIE_TTL_SECONDS
+        "visit-cookie", {"visit_key": key, "role": "provider"}, ttl_seconds=VISIT_COOKIE_TTL_SECONDS
     )
     return SetCookie(VISIT_COOKIE, sealed, VISIT_COOKIE_TTL_SECONDS)
 
