@@ -41,11 +41,12 @@ _CLOCK_LEEWAY = 60  # seconds of clock skew tolerated on id_token times
 
 
 def normalize_fhir_base(url: str) -> str:
-    """Compare FHIR base URLs as SMART does: scheme and host case-insensitive, no trailing '/'."""
-    parts = urlsplit(url.strip())
-    netloc = parts.netloc.lower()
-    path = parts.path.rstrip("/")
-    return f"{parts.scheme.lower()}://{netloc}{path}"
+    """The canonical FHIR base URL, exactly as the portal stores it (one function for both:
+    ``fhir_probe.canonical_fhir_base_url``): lower-case scheme and host, no default port, no
+    trailing '/'. Raises ``InvalidInputError`` for something that is not a base URL."""
+    from connector_core.adapters.fhir_probe import canonical_fhir_base_url
+
+    return canonical_fhir_base_url(url)
 
 
 def _absolute_url(value: Any, what: str) -> str:

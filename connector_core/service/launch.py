@@ -242,10 +242,16 @@ class _Cfg:
         )
 
 
-def _normalize_iss(url: str) -> str:
+def _normalize_iss(url: str) -> str | None:
+    """The canonical FHIR base URL (the same function the portal stores configs with, so an
+    ``iss`` spelled with an explicit default port or upper-case host matches); ``None`` when
+    ``url`` is not a usable base URL (which then matches nothing)."""
     from connector_core.adapters.smart import normalize_fhir_base
 
-    return normalize_fhir_base(url)
+    try:
+        return normalize_fhir_base(url)
+    except InvalidInputError:
+        return None
 
 
 def _sha256(value: str) -> str:
@@ -306,7 +312,7 @@ def start_launch(
         raise InvalidInputError("The launch parameters are too long.")
     config = container.launch_cache.config(config_id)
     issuer = _normalize_iss(config.fhir_base_url)
-    if _normalize_iss(iss) != issuer:
+    if issuer is None or _normalize_iss(iss) != issuer:
         log_event(_log, "launch.iss_mismatch", level=logging.WARNING, config_id=config.id)
         raise PermissionDeniedError(
             "This launch came from an EHR that this virtual-visit configuration does not trust.",

@@ -1,0 +1,1 @@
+"""Reliability tests (issue 8): faults, outages and concurrency against real local services."""

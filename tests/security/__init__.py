@@ -1,0 +1,1 @@
+"""Security tests (issue 8): forgery, redirects, injection, body limits, privacy."""
