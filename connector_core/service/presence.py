@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from connector_core.domain.models import (
     GraphSubscription,
     ParticipantRole,
     ParticipantStatus,
+    TenantConfig,
     Versioned,
     Visit,
 )
@@ -76,6 +78,8 @@ __all__ = [
     "POISON_QUEUE",
     "PRESENCE_QUEUE",
     "AcceptResult",
+    "GroupCommit",
+    "PresenceBatch",
     "PresenceMessage",
     "PresenceOptions",
     "PresenceRuntime",
@@ -123,8 +127,24 @@ class PresenceRuntime:
     """Per-process presence state: options and the subscription secret cache."""
 
     options: PresenceOptions = field(default_factory=PresenceOptions)
+    group_commit: GroupCommit = field(default_factory=lambda: GroupCommit())
     _cache: dict[str, tuple[float, _SubscriptionInfo | None]] = field(default_factory=dict)
+    _configs: dict[str, tuple[float, TenantConfig]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def config(self, container: Container, config_id: str) -> TenantConfig:
+        """The visit's config, cached a minute (write-backs of one visit come in bursts)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._configs.get(config_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        config = container.configs.get_by_id(config_id).record
+        with self._lock:
+            if len(self._configs) > 1000:
+                self._configs.clear()
+            self._configs[config_id] = (now + 60.0, config)
+        return config
 
     def subscription(self, container: Container, subscription_id: str) -> _SubscriptionInfo | None:
         """The subscription's visit, tenant and clientState, cached (a few seconds for unknown
@@ -172,6 +192,110 @@ class PresenceMessage(BaseModel):
     event: CallEvent | None = None
     lifecycle_event: str | None = None
     attempt: int = 0  # EHR write-back attempts that failed so far
+
+
+class PresenceBatch(BaseModel):
+    """One queue message carrying the events of several concurrent webhook requests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    v: Literal[1] = 1
+    items: tuple[PresenceMessage, ...]
+
+
+# Storage queue messages hold 64 KiB (base64: 48 KiB of JSON); stay well inside.
+MAX_BATCH_BYTES = 40 * 1024
+MAX_BATCH_ITEMS = 100
+_GROUP_COMMIT_TIMEOUT = 10.0
+
+
+@dataclass
+class _Pending:
+    payloads: list[str]
+    done: bool = False
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Concurrent webhook requests share queue messages (group commit).
+
+    Each request waits until its events are durably in the queue before it answers 202; while
+    one request is sending, the others' events accumulate and go out together in the next
+    message. Under light load every batch has one request; under a burst the batches grow, so
+    the per-event cost of the storage call shrinks exactly when it matters. No timers: a batch
+    leaves as soon as the previous send returns.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pending: list[_Pending] = []
+        self._sending = False
+        self.sends = 0  # queue messages written (for tests and the benchmark)
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = count = 0
+        while self._pending:
+            nxt = self._pending[0]
+            extra = sum(len(p) + 1 for p in nxt.payloads)
+            if batch and (
+                size + extra > MAX_BATCH_BYTES or count + len(nxt.payloads) > MAX_BATCH_ITEMS
+            ):
+                break
+            batch.append(self._pending.pop(0))
+            size += extra
+            count += len(nxt.payloads)
+        return batch
+
+    def send(self, container: Container, payloads: list[str]) -> None:
+        """Return once ``payloads`` (PresenceMessage JSON) are in the queue; raise if not."""
+        chunk: list[str] = []
+        size = 0
+        for payload in payloads:
+            if chunk and (size + len(payload) > MAX_BATCH_BYTES or len(chunk) >= MAX_BATCH_ITEMS):
+                self._send_chunk(container, chunk)
+                chunk, size = [], 0
+            chunk.append(payload)
+            size += len(payload) + 1
+        if chunk:
+            self._send_chunk(container, chunk)
+
+    def _send_chunk(self, container: Container, payloads: list[str]) -> None:
+        mine = _Pending(payloads)
+        deadline = time.monotonic() + _GROUP_COMMIT_TIMEOUT
+        with self._cond:
+            self._pending.append(mine)
+            while True:
+                while self._sending and not mine.done:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        with contextlib.suppress(ValueError):
+                            self._pending.remove(mine)
+                        raise StorageUnavailableError("The event queue is too slow; retry.")
+                    self._cond.wait(left)
+                if mine.done:
+                    break
+                self._sending = True
+                batch = self._take()
+                self._cond.release()
+                error: BaseException | None = None
+                try:
+                    items = [p for pending in batch for p in pending.payloads]
+                    body = (
+                        items[0] if len(items) == 1 else '{"v":1,"items":[' + ",".join(items) + "]}"
+                    )
+                    container.queue.send_message(PRESENCE_QUEUE, body)
+                except BaseException as exc:  # reported to every request of the batch
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self.sends += 1
+                    for pending in batch:
+                        pending.done, pending.error = True, error
+                    self._sending = False
+                    self._cond.notify_all()
+        if mine.error is not None:
+            raise mine.error
 
 
 # --- webhook --------------------------------------------------------------------------------------
@@ -258,7 +382,8 @@ def accept_notifications(container: Container, body: Any) -> AcceptResult:
     Raises ``InvalidInputError`` when the body is not a notification collection and
     ``StorageUnavailableError`` when the queue cannot take the events (Graph then retries).
     """
-    enqueued = dropped = 0
+    dropped = 0
+    messages: list[PresenceMessage] = []
     for index, item in enumerate(_items(body)):
         is_lifecycle = isinstance(item, Mapping) and "lifecycleEvent" in item
         try:
@@ -279,8 +404,9 @@ def accept_notifications(container: Container, body: Any) -> AcceptResult:
                 subscription_id=sub if isinstance(sub, str) else "-",
             )
             continue
-        container.queue.send_message(PRESENCE_QUEUE, message.model_dump_json())
-        enqueued += 1
+        messages.append(message)
+    container.presence.group_commit.send(container, [m.model_dump_json() for m in messages])
+    for message in messages:
         log_event(
             _log,
             "presence.notification.enqueued",
@@ -289,7 +415,7 @@ def accept_notifications(container: Container, body: Any) -> AcceptResult:
             kind=message.kind,
             visit_key=message.visit_key,
         )
-    return AcceptResult(enqueued=enqueued, dropped=dropped)
+    return AcceptResult(enqueued=len(messages), dropped=dropped)
 
 
 # --- queue processing -----------------------------------------------------------------------------
@@ -307,16 +433,23 @@ def process_message(container: Container, body: str, *, dequeue_count: int = 1) 
     """Handle one ``presence-events`` message. Returns normally when the message is done with
     (processed, scheduled for a retry, or moved to poison); raises for the host to retry."""
     try:
-        message = PresenceMessage.model_validate_json(body)
-    except ValidationError:
+        raw = json.loads(body)
+        if isinstance(raw, dict) and "items" in raw:
+            messages = list(PresenceBatch.model_validate(raw).items)
+        else:
+            messages = [PresenceMessage.model_validate(raw)]
+    except (ValidationError, ValueError):
         # It can never succeed: park it where operators look, do not drop it silently.
         container.queue.send_message(POISON_QUEUE, body)
         log_event(_log, "presence.message.malformed", level=logging.ERROR, queue=POISON_QUEUE)
         return
-    if message.kind == "lifecycle":
-        _process_lifecycle(container, message)
-    else:
-        _process_call(container, message)
+    # A batch is only transport: each event is processed (and retried) on its own. An error
+    # here (storage) makes the host retry the whole message, which is idempotent.
+    for message in messages:
+        if message.kind == "lifecycle":
+            _process_lifecycle(container, message)
+        else:
+            _process_call(container, message)
 
 
 def _update_visit(container: Container, visit_key: str, change: Any) -> Versioned[Visit] | None:
@@ -482,7 +615,7 @@ def _perform(container: Container, visit: Visit, record: WritebackRecord, etag: 
 
     ledger = container.writebacks
     try:
-        config = container.configs.get_by_id(visit.config_id).record
+        config = container.presence.config(container, visit.config_id)
         context = WritebackContext()
         if visit.sealed_context:
             context = WritebackContext.from_payload(

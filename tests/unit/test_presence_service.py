@@ -35,8 +35,11 @@ from connector_core.errors import (
     PermissionDeniedError,
 )
 from connector_core.service.presence import (
+    MAX_BATCH_BYTES,
     POISON_QUEUE,
     PRESENCE_QUEUE,
+    GroupCommit,
+    PresenceBatch,
     PresenceMessage,
     accept_notifications,
     authorize_viewer,
@@ -294,12 +297,12 @@ def test_encrypted_and_plain_items_are_enqueued_without_names(container: Contain
         {"value": [item(container, event), item(container, roster_event(2), encrypted=False)]},
     )
     assert (result.enqueued, result.dropped) == (2, 0)
-    bodies = queued(container)
-    assert len(bodies) == 2
-    text = "".join(bodies)
+    (body,) = queued(container)  # one request: one queue message
+    batch = PresenceBatch.model_validate_json(body)
+    assert len(batch.items) == 2
     for secret_value in ("Dr Name", "Patient Name", ORGANIZER, "p-doc", "p-pat", SECRET):
-        assert secret_value not in text
-    message = PresenceMessage.model_validate_json(bodies[0])
+        assert secret_value not in body
+    message = batch.items[0]
     assert message.kind == "call" and message.visit_key == VISIT_KEY
     assert message.event is not None and len(message.event.joined) == 2
 
@@ -357,6 +360,76 @@ def test_subscription_secret_is_cached(container: Container) -> None:
     assert accept_notifications(container, body).enqueued == 1
     container.presence.forget(SUB_ID)
     assert accept_notifications(container, body).dropped == 1
+
+
+class SlowQueue(InMemoryMessageQueue):
+    """A queue whose sends take a while (so concurrent requests pile up) or fail."""
+
+    def __init__(self, delay: float = 0.02, fail: bool = False) -> None:
+        super().__init__()
+        self.delay, self.fail, self.calls = delay, fail, 0
+
+    def send_message(self, queue: str, body: str, *, visibility_timeout: int | None = None) -> None:
+        import time
+
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.fail:
+            from connector_core.errors import StorageUnavailableError
+
+            raise StorageUnavailableError("Storage is unavailable.")
+        super().send_message(queue, body, visibility_timeout=visibility_timeout)
+
+
+def run_concurrently(container: Container, requests: int) -> list[BaseException | None]:
+    results: list[BaseException | None] = [None] * requests
+    barrier = threading.Barrier(requests)
+
+    def one(index: int) -> None:
+        barrier.wait()
+        try:
+            event = roster_event(index, joined=[guest(f"p{index}")])
+            accept_notifications(container, {"value": [item(container, event)]})
+        except BaseException as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_group_commit_shares_queue_messages_between_concurrent_requests(
+    container: Container,
+) -> None:
+    slow = SlowQueue()
+    container.queue = slow
+    assert run_concurrently(container, 24) == [None] * 24
+    messages = []
+    for body in slow.queues[PRESENCE_QUEUE]:
+        raw = json.loads(body)
+        messages += raw.get("items", [raw])
+    assert len(messages) == 24 and len({m["id"] for m in messages}) == 24
+    assert slow.calls < 24  # some requests shared a message
+    drain(container, rounds=50)
+    assert len(writer(container).audit_events) == 24
+
+
+def test_group_commit_failure_reaches_every_request_of_the_batch(container: Container) -> None:
+    container.queue = SlowQueue(fail=True)
+    results = run_concurrently(container, 8)
+    assert all(type(r).__name__ == "StorageUnavailableError" for r in results)
+
+
+def test_group_commit_splits_what_does_not_fit_one_message(container: Container) -> None:
+    slow = SlowQueue(delay=0)
+    container.queue = slow
+    payload = "x" * (MAX_BATCH_BYTES // 3)
+    GroupCommit().send(container, [payload] * 7)
+    assert slow.calls == 4  # two per message
+    assert all(len(b) < 48 * 1024 for b in slow.queues[PRESENCE_QUEUE])
 
 
 # --- queue processing -----------------------------------------------------------------------------
@@ -526,7 +599,8 @@ def test_concurrent_duplicates_write_once() -> None:
     container = make_container()
     assert isinstance(container.store, InMemoryEntityStore)
     event = roster_event(1, joined=[guest("p1"), guest("p2"), user("d", ORGANIZER)])
-    accept_notifications(container, {"value": [item(container, event) for _ in range(6)]})
+    for _ in range(6):
+        accept_notifications(container, {"value": [item(container, event)]})
     bodies = queued(container)
     container.queue.queues[PRESENCE_QUEUE].clear()  # type: ignore[attr-defined]
     errors: list[BaseException] = []
