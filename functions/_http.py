@@ -105,7 +105,7 @@ def read_json_body(req: func.HttpRequest) -> Any:
         raise PayloadTooLargeError(f"The request body is larger than {MAX_BODY_BYTES} bytes.")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a 500
         raise InvalidInputError("The request body must be valid JSON.") from None
 
 

@@ -57,7 +57,7 @@ def _notifications(req: func.HttpRequest) -> func.HttpResponse:
         raise PayloadTooLargeError("The notification body is too large.")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a 500
         raise InvalidInputError("The notification body must be JSON.") from None
     result = accept_notifications(get_container(), body)
     return func.HttpResponse(
