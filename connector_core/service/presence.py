@@ -898,7 +898,12 @@ def authorize_viewer(
     if bearer:
         claims = container.portal_tokens.validate(bearer)
         oid = str(claims.get("oid", "")).lower()
-        if not visit.organizer_oid or oid != visit.organizer_oid.lower():
+        tid = str(claims.get("tid", "")).lower()
+        if (
+            not visit.organizer_oid
+            or oid != visit.organizer_oid.lower()
+            or tid != visit.tenant_id.lower()  # an Entra user is its tid + oid, never oid alone
+        ):
             raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
         return
     if visit_cookie:
