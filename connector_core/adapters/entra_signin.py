@@ -143,6 +143,22 @@ class EntraSignIn:
                 "The Microsoft sign-in answer does not belong to this sign-in.",
                 action="Start the visit again from the EHR.",
             ) from None
+        except OSError:  # requests' connection errors and timeouts
+            raise DependencyError(
+                "Microsoft Entra ID could not be reached to complete the sign-in.",
+                action="Start the visit again from the EHR in a moment.",
+            ) from None
+        except Exception as error:
+            from msal.exceptions import MsalError
+
+            if not isinstance(error, MsalError):
+                raise
+            # msal raises MsalServiceError when the token endpoint answers an HTTP error
+            # (Entra 5xx) instead of an OAuth error body.
+            raise DependencyError(
+                "Microsoft Entra ID failed while completing the sign-in.",
+                action="Start the visit again from the EHR in a moment.",
+            ) from None
         if "error" in result:
             code = str(result.get("error"))[:40]
             raise AuthenticationError(
