@@ -100,6 +100,7 @@ WAIT_COOKIE = "__Host-vv-wait"
 VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live participants view
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
+VISIT_WAIT_SECONDS = 3.0  # a racing launch waits this long for the meeting creator's visit
 VISIT_RETENTION = timedelta(days=7)  # backstop purge; presence shortens it when the call ends
 _CONFIG_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PROVIDER_USER_TYPES = ("Practitioner", "PractitionerRole")
@@ -690,6 +691,20 @@ def _get_visit(container: Container, key: str) -> Visit | None:
         return None
 
 
+def _await_visit(container: Container, key: str) -> Visit | None:
+    """The visit record once another launch has written it; ``None`` after
+    ``VISIT_WAIT_SECONDS`` (that launch failed: this one creates what is missing)."""
+    deadline = time.monotonic() + VISIT_WAIT_SECONDS
+    pause = 0.05
+    while time.monotonic() + pause < deadline:
+        time.sleep(pause)
+        visit = _get_visit(container, key)
+        if visit is not None:
+            return visit
+        pause = min(pause * 2, 0.5)
+    return None
+
+
 def _ensure_subscription_quietly(container: Container, visit: Visit) -> None:
     now = container.clock()
     if visit.subscription_id is not None and (
@@ -739,6 +754,11 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
     _safe_location(container, meeting.join_web_url, "meeting link")
     if not meeting.created and not read_first:
         existing = _get_visit(container, pending.visit_key)
+        if existing is None:
+            # Another launch of this visit created the meeting a moment ago and is creating
+            # its subscription and visit record: wait for those (bounded) rather than create a
+            # second subscription only to discard it.
+            existing = _await_visit(container, pending.visit_key)
         if existing is not None and existing.join_web_url:
             _ensure_subscription_quietly(container, existing)
             return existing
