@@ -1,5 +1,5 @@
-"""Azurite restarted under a running connector: requests fail cleanly (503), then recover
-without restarting the connector. The connector runs as its own process (python -m devtools.host)."""
+"""Azurite restarted under a running connector: requests (health, a launch page, a Graph
+notification) fail cleanly (503), then recover without restarting the connector. The connector runs as its own process (python -m devtools.host)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ def test_storage_outage_is_a_clean_503_then_recovers(own_azurite: Azurite, tmp_p
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}/api/health"
+    launch = f"http://127.0.0.1:{port}/api/launch/provider/{'c' * 32}?iss=https://ehr.example/fhir&launch=x"
+    presence = f"http://127.0.0.1:{port}/api/presence"
+    notification = {"value": [{"subscriptionId": "sub-unknown", "clientState": "x"}]}
     try:
         assert _wait_for(url, 200).json()["status"] == "ok"
         own_azurite.stop()
@@ -77,8 +80,22 @@ def test_storage_outage_is_a_clean_503_then_recovers(own_azurite: Azurite, tmp_p
         assert down.json()["correlationId"]
         assert "Traceback" not in down.text
         assert time.monotonic() - started < 10  # fails fast, no hanging retries
+        # a launch (browser page) and a Graph notification (problem+json, Graph retries)
+        started = time.monotonic()
+        page = httpx.get(launch, timeout=30)
+        assert page.status_code == 503 and page.headers["content-type"].startswith("text/html")
+        assert "correlation id" in page.text and "Traceback" not in page.text
+        webhook = httpx.post(presence, json=notification, timeout=30)
+        assert webhook.status_code == 503
+        assert webhook.headers["content-type"].startswith("application/problem+json")
+        assert time.monotonic() - started < 20  # bounded storage retries
         own_azurite.start()  # same ports, same connection string
         assert _wait_for(url, 200).json()["region"] == "americas"
+        # the same requests reach storage again, without restarting the connector (Azurite
+        # lost its data: the tables are recreated on first use)
+        assert _wait_for(launch, 404).headers["content-type"].startswith("text/html")
+        accepted = httpx.post(presence, json=notification, timeout=30)
+        assert accepted.status_code == 202 and accepted.headers["x-dropped"] == "1"
     finally:
         proc.terminate()
         try:
