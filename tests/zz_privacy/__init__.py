@@ -1,0 +1,1 @@
+"""Runs last (directory order): the whole-session privacy scan."""
