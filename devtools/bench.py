@@ -1,7 +1,20 @@
 """``make bench``: bounded, loopback-only benchmarks. Prints a table and writes bench-results.json.
 
-Sections: cold start (always), launch and presence (when their bench modules are present).
-Each figure has a budget; misses are marked and make the command exit non-zero.
+Sections (each in its own local services; nothing leaves 127.0.0.1):
+
+* ``cold start`` (here): ``import function_app`` in a fresh interpreter against importing only
+  its third-party dependencies (``azure.functions``, ``pydantic``): time and peak RSS, as ratios;
+  and that no heavy module (fhir.resources, msal, jwt, AES-GCM, azure.identity) is imported.
+* ``launch`` (``devtools/bench_launch.py``): connector-added ms of a clinician's launch on a warm
+  worker (p50/p95), table operations and outbound calls per launch, a cold first launch.
+* ``presence`` (``devtools/bench_presence.py``): webhook acknowledgement p50/p99/max under a
+  burst of 200 notifications/s for 30 s, and the end-to-end delay until each write-back reaches
+  the EHR, with lost/duplicated write-backs.
+
+Every figure has a budget; a figure its section reports without one gets the budget from
+``BUDGETS`` below, so the whole table is held to budgets. A miss is marked ``MISS`` and makes
+the command exit 1. ``--quick`` runs fewer iterations (a smoke run, e.g. in CI); ``--only``
+picks sections. The JSON (``--out``) holds the figures, each section's raw data and the machine.
 """
 
 from __future__ import annotations
@@ -9,10 +22,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
+import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +46,37 @@ HEAVY_MODULES = (
     "cryptography.hazmat.primitives.ciphers.aead",
     "azure.identity",
 )
+SECTIONS = ("cold start", "launch", "presence")
+
+
+@dataclass(frozen=True)
+class Budget:
+    text: str
+    check: Callable[[float], bool]
+
+
+def _lt(limit: float) -> Budget:
+    return Budget(f"< {limit:g}", lambda v: not math.isnan(v) and v < limit)
+
+
+# Budgets for figures their section reports as informational ("-"). The headline numbers of the
+# issue each have one: launch p50, webhook ack p50, write-back delay. Chosen from the design:
+# a launch is dominated by the EHR and Graph round trips, so the connector's own share must stay
+# small; Graph wants an answer within 3 s and the p99 budget (300 ms) is set by the presence
+# section itself; write-backs retry at 5 s, 30 s, ... so a p50 within a few seconds means no
+# retries were needed under the burst, and p99 bounds the backlog the burst builds up.
+BUDGETS: dict[tuple[str, str], Budget] = {
+    ("cold start", "import function_app"): _lt(1500),
+    ("cold start", "peak RSS function_app"): _lt(100),
+    ("launch", "new visit: connector-added p50"): _lt(25),
+    ("launch", "new visit: total p50 (incl. stand-ins)"): _lt(1000),
+    ("launch", "cold first launch: connector-added"): _lt(1000),
+    ("launch", "cold first launch: outbound calls"): _lt(12),
+    ("presence", "webhook ack p50"): _lt(100),
+    ("presence", "write-back delay p50"): _lt(10),
+    ("presence", "write-back delay p99"): _lt(60),
+    ("presence", "write-back delay max"): _lt(120),
+}
 
 
 @dataclass
@@ -64,9 +111,18 @@ def _measure_import(code: str, runs: int) -> tuple[float, float]:
     return statistics.median(times), statistics.median(rss)
 
 
-def cold_start(runs: int = 7) -> list[Figure]:
-    app_ms, app_rss = _measure_import("import function_app", runs)
-    base_ms, base_rss = _measure_import(THIRD_PARTY_BASELINE, runs)
+def cold_start(runs: int = 7) -> dict[str, Any]:
+    # interleaved, so a busy moment of the machine weighs on both sides alike
+    app_ms, app_rss, base_ms, base_rss = [], [], [], []
+    for _ in range(runs):
+        t, r = _measure_import("import function_app", 1)
+        app_ms.append(t)
+        app_rss.append(r)
+        t, r = _measure_import(THIRD_PARTY_BASELINE, 1)
+        base_ms.append(t)
+        base_rss.append(r)
+    a_ms, a_rss = statistics.median(app_ms), statistics.median(app_rss)
+    b_ms, b_rss = statistics.median(base_ms), statistics.median(base_rss)
     heavy = subprocess.run(
         [
             sys.executable,
@@ -79,35 +135,46 @@ def cold_start(runs: int = 7) -> list[Figure]:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return [
-        Figure("cold start", "import function_app", round(app_ms, 1), "ms", "-", True),
-        Figure("cold start", "import third-party deps only", round(base_ms, 1), "ms", "-", True),
-        Figure(
-            "cold start",
-            "import time ratio",
-            round(app_ms / base_ms, 2),
-            "x",
-            "<= 2.0",
-            app_ms / base_ms <= 2.0,
-        ),
-        Figure("cold start", "peak RSS function_app", round(app_rss, 1), "MiB", "-", True),
-        Figure(
-            "cold start",
-            "peak RSS ratio",
-            round(app_rss / base_rss, 2),
-            "x",
-            "<= 1.5",
-            app_rss / base_rss <= 1.5,
-        ),
-        Figure(
-            "cold start",
-            "heavy modules at import",
-            float(len(heavy.split(",")) if heavy else 0),
-            "count",
-            "0",
-            not heavy,
-        ),
-    ]
+    figure = _figure_factory("cold start")
+    return {
+        "figures": [
+            figure("import function_app", round(a_ms, 1), "ms", "-", True),
+            figure("import third-party deps only", round(b_ms, 1), "ms", "-", True),
+            figure("import time ratio", round(a_ms / b_ms, 2), "x", "<= 2.0", a_ms / b_ms <= 2.0),
+            figure("peak RSS function_app", round(a_rss, 1), "MiB", "-", True),
+            figure("peak RSS third-party deps only", round(b_rss, 1), "MiB", "-", True),
+            figure("peak RSS ratio", round(a_rss / b_rss, 2), "x", "<= 1.5", a_rss / b_rss <= 1.5),
+            figure(
+                "heavy modules at import",
+                float(len(heavy.split(",")) if heavy else 0),
+                "count",
+                "0",
+                not heavy,
+            ),
+        ],
+        "imports": {
+            "runs": runs,
+            "function_app_ms": app_ms,
+            "baseline_ms": base_ms,
+            "function_app_rss_mib": app_rss,
+            "baseline_rss_mib": base_rss,
+            "heavy_modules": heavy.split(",") if heavy else [],
+        },
+    }
+
+
+def _figure_factory(section: str) -> Callable[..., dict[str, Any]]:
+    def make(name: str, value: float, unit: str, budget: str, ok: bool) -> dict[str, Any]:
+        return {
+            "section": section,
+            "name": name,
+            "value": value,
+            "unit": unit,
+            "budget": budget,
+            "ok": ok,
+        }
+
+    return make
 
 
 def _optional(module: str, function: str) -> Callable[..., dict[str, Any]] | None:
@@ -117,29 +184,105 @@ def _optional(module: str, function: str) -> Callable[..., dict[str, Any]] | Non
         return None
 
 
+def held_to_budget(item: dict[str, Any]) -> Figure:
+    """The section's figure, with the budget from ``BUDGETS`` if it came without one."""
+    figure = Figure(**{k: item[k] for k in ("section", "name", "value", "unit", "budget", "ok")})
+    figure.value = float(figure.value)
+    extra = BUDGETS.get((figure.section, figure.name))
+    if figure.budget in ("-", "") and extra is not None:
+        figure.budget = extra.text
+        figure.ok = bool(figure.ok) and extra.check(figure.value)
+    if math.isnan(figure.value):
+        figure.ok = False
+    return figure
+
+
+def _format_value(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    if value == int(value) and abs(value) < 1e9:
+        return f"{int(value)}"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def render(figures: list[Figure]) -> str:
+    width = max(len(f.name) for f in figures)
+    lines = [f"{'section':<11} {'figure':<{width}} {'value':>10} {'unit':<6} {'budget':<10} ok"]
+    for f in figures:
+        mark = "ok" if f.ok else "MISS"
+        lines.append(
+            f"{f.section:<11} {f.name:<{width}} {_format_value(f.value):>10} {f.unit:<6} "
+            f"{f.budget:<10} {mark}"
+        )
+    misses = [f for f in figures if not f.ok]
+    lines.append(
+        f"{len(figures)} figures, {len(misses)} over budget"
+        + (": " + "; ".join(f"{m.section}/{m.name}" for m in misses) if misses else "")
+    )
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "commit": commit or None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results.json")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {', '.join(SECTIONS)})",
+    )
     args = parser.parse_args(argv)
+    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = wanted - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
     os.chdir(REPO_ROOT)
-    figures = cold_start(runs=3 if args.quick else 7)
-    for module, function in (
-        ("devtools.bench_launch", "run_launch_bench"),
-        ("devtools.bench_presence", "run_presence_bench"),
+    started = time.time()
+    results: dict[str, dict[str, Any]] = {}
+    if "cold start" in wanted:
+        results["cold start"] = cold_start(runs=3 if args.quick else 7)
+    for section, module, function in (
+        ("launch", "devtools.bench_launch", "run_launch_bench"),
+        ("presence", "devtools.bench_presence", "run_presence_bench"),
     ):
+        if section not in wanted:
+            continue
         bench = _optional(module, function)
         if bench is None:
+            print(f"({section}: {module} is not available, skipped)", file=sys.stderr)
             continue
-        result = bench(quick=args.quick)
-        for item in result.get("figures", []):
-            figures.append(Figure(**item))
-    width = max(len(f.name) for f in figures)
-    print(f"{'section':<12} {'figure':<{width}} {'value':>10} {'unit':<6} {'budget':<12} ok")
-    for f in figures:
-        mark = "ok" if f.ok else "MISS"
-        print(f"{f.section:<12} {f.name:<{width}} {f.value:>10} {f.unit:<6} {f.budget:<12} {mark}")
-    args.out.write_text(json.dumps([asdict(f) for f in figures], indent=2) + "\n")
+        print(f"running the {section} bench ...", file=sys.stderr, flush=True)
+        results[section] = bench(quick=args.quick)
+    figures = [held_to_budget(item) for r in results.values() for item in r.get("figures", [])]
+    print(render(figures))
+    document = {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": _machine(),
+        "figures": [asdict(f) for f in figures],
+        "raw": {
+            section: {k: v for k, v in r.items() if k != "figures"}
+            for section, r in results.items()
+        },
+    }
+    args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
     return 0 if all(f.ok for f in figures) else 1
 
