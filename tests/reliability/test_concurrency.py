@@ -106,6 +106,8 @@ def _patient(s: Stack, config: TenantConfig) -> Outcome:
         browser.close()
 
 
+# msal's warning filter (warnings.catch_warnings in EntraSignIn) is not thread-safe
+@pytest.mark.filterwarnings("ignore:response_mode:UserWarning")
 def test_fifty_browsers_launching_one_visit_make_one_meeting_and_one_subscription(
     fresh_stack: Stack, config: TenantConfig
 ) -> None:
