@@ -271,9 +271,17 @@ class AzureMessageQueue:
             self._service = QueueServiceClient(
                 account_url=settings.queue_service_uri, credential=_credential(settings), **options
             )
+        self._clients: dict[str, Any] = {}  # one QueueClient per queue, reused (hot path)
+
+    def _client(self, queue: str) -> Any:
+        client = self._clients.get(queue)
+        if client is None:
+            client = self._service.get_queue_client(queue, message_encode_policy=self._policy)
+            self._clients[queue] = client
+        return client
 
     def send_message(self, queue: str, body: str, *, visibility_timeout: int | None = None) -> None:
-        client = self._service.get_queue_client(queue, message_encode_policy=self._policy)
+        client = self._client(queue)
         try:
             client.send_message(body, visibility_timeout=visibility_timeout)
             return
