@@ -148,11 +148,32 @@ def _make_server(
 
 
 def _certifi_bundle() -> bytes:
+    """certifi's bundle, plus the certificates of the machine's own trust store when the
+    environment names one (``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``, e.g. a corporate
+    TLS-inspection CA): whatever inherits the sandbox's ``SSL_CERT_FILE`` (pip, git, ...) keeps
+    trusting what it trusted before."""
+    import os
+
     try:
         import certifi
+
+        bundle = Path(certifi.where()).read_bytes()
     except ImportError:  # pragma: no cover - certifi ships with httpx/requests
-        return b""
-    return Path(certifi.where()).read_bytes()
+        bundle = b""
+    begin, end = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+    extra: list[bytes] = []
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        value = os.environ.get(name)
+        if not value or not Path(value).is_file():
+            continue
+        for part in Path(value).read_bytes().split(begin)[1:]:
+            block = begin + part.split(end)[0] + end
+            if block not in bundle and block not in extra:
+                extra.append(block)
+    if extra:
+        bundle = bundle.rstrip(b"\n") + b"\n\n# From the environment's trust store\n"
+        bundle += b"\n".join(extra) + b"\n"
+    return bundle
 
 
 def _reusable(tls: SandboxTls) -> bool:
