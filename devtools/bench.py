@@ -77,8 +77,9 @@ def _lt(limit: float) -> Budget:
 # issue each have one: launch p50, webhook ack p50, write-back delay. Chosen from the design:
 # a launch is dominated by the EHR and Graph round trips, so the connector's own share must stay
 # small; Graph wants an answer within 3 s and the p99 budget (300 ms) is set by the presence
-# section itself; write-backs retry at 5 s, 30 s, ... so a p50 within a few seconds means no
-# retries were needed under the burst, and p99 bounds the backlog the burst builds up.
+# section itself. Write-backs: the EHR should record a connect/disconnect within a minute (p99)
+# even right after the 30 s burst, on one instance; under a burst the delay is the backlog, so
+# these budgets are a throughput requirement (6000 events drained within ~90 s: >= ~67/s).
 BUDGETS: dict[tuple[str, str], Budget] = {
     ("cold start", "import function_app"): _lt(1500),
     ("cold start", "peak RSS function_app"): _lt(100),
@@ -87,9 +88,9 @@ BUDGETS: dict[tuple[str, str], Budget] = {
     ("launch", "cold first launch: connector-added"): _lt(1000),
     ("launch", "cold first launch: outbound calls"): _lt(12),
     ("presence", "webhook ack p50"): _lt(100),
-    ("presence", "write-back delay p50"): _lt(10),
+    ("presence", "write-back delay p50"): _lt(30),
     ("presence", "write-back delay p99"): _lt(60),
-    ("presence", "write-back delay max"): _lt(120),
+    ("presence", "write-back delay max"): _lt(90),
 }
 
 
