@@ -79,6 +79,10 @@ class Azurite:
             f"TableEndpoint=http://127.0.0.1:{self.table_port}/{ACCOUNT_NAME};"
         )
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
     def start(self, *, timeout: float = 60.0) -> Azurite:
         exe = ensure_installed()
         self._workdir = tempfile.TemporaryDirectory(prefix="azurite-")

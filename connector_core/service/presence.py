@@ -209,9 +209,15 @@ MAX_BATCH_ITEMS = 100
 _GROUP_COMMIT_TIMEOUT = 10.0
 
 
+# Sends in flight at once: one at a time makes every request wait a whole storage round trip
+# behind the previous batch; a few in parallel keep batches large and waits short.
+MAX_INFLIGHT_SENDS = 3
+
+
 @dataclass
 class _Pending:
     payloads: list[str]
+    taken: bool = False
     done: bool = False
     error: BaseException | None = None
 
@@ -219,17 +225,17 @@ class _Pending:
 class GroupCommit:
     """Concurrent webhook requests share queue messages (group commit).
 
-    Each request waits until its events are durably in the queue before it answers 202; while
-    one request is sending, the others' events accumulate and go out together in the next
-    message. Under light load every batch has one request; under a burst the batches grow, so
-    the per-event cost of the storage call shrinks exactly when it matters. No timers: a batch
-    leaves as soon as the previous send returns.
+    Each request waits until its events are durably in the queue before it answers 202. Up to
+    ``MAX_INFLIGHT_SENDS`` messages are being written at once; events arriving meanwhile
+    accumulate and leave together in the next message. Under light load every batch has one
+    request; under a burst the batches grow, so the per-event cost of the storage call shrinks
+    exactly when it matters. No timers: a batch leaves as soon as a send slot is free.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
-        self._sending = False
+        self._inflight = 0
         self.sends = 0  # queue messages written (for tests and the benchmark)
 
     def _take(self) -> list[_Pending]:
@@ -243,6 +249,7 @@ class GroupCommit:
             ):
                 break
             batch.append(self._pending.pop(0))
+            nxt.taken = True
             size += extra
             count += len(nxt.payloads)
         return batch
@@ -260,40 +267,42 @@ class GroupCommit:
         if chunk:
             self._send_chunk(container, chunk)
 
+    def _send_batch(self, container: Container, batch: list[_Pending]) -> None:
+        """Called with the lock held; releases it around the storage call."""
+        self._inflight += 1
+        self._cond.release()
+        error: BaseException | None = None
+        try:
+            items = [p for pending in batch for p in pending.payloads]
+            body = items[0] if len(items) == 1 else '{"v":1,"items":[' + ",".join(items) + "]}"
+            container.queue.send_message(PRESENCE_QUEUE, body)
+        except BaseException as exc:  # reported to every request of the batch
+            error = exc
+        finally:
+            self._cond.acquire()
+            self.sends += 1
+            for pending in batch:
+                pending.done, pending.error = True, error
+            self._inflight -= 1
+            self._cond.notify_all()
+
     def _send_chunk(self, container: Container, payloads: list[str]) -> None:
         mine = _Pending(payloads)
         deadline = time.monotonic() + _GROUP_COMMIT_TIMEOUT
         with self._cond:
             self._pending.append(mine)
-            while True:
-                while self._sending and not mine.done:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        with contextlib.suppress(ValueError):
-                            self._pending.remove(mine)
-                        raise StorageUnavailableError("The event queue is too slow; retry.")
-                    self._cond.wait(left)
-                if mine.done:
-                    break
-                self._sending = True
-                batch = self._take()
-                self._cond.release()
-                error: BaseException | None = None
-                try:
-                    items = [p for pending in batch for p in pending.payloads]
-                    body = (
-                        items[0] if len(items) == 1 else '{"v":1,"items":[' + ",".join(items) + "]}"
-                    )
-                    container.queue.send_message(PRESENCE_QUEUE, body)
-                except BaseException as exc:  # reported to every request of the batch
-                    error = exc
-                finally:
-                    self._cond.acquire()
-                    self.sends += 1
-                    for pending in batch:
-                        pending.done, pending.error = True, error
-                    self._sending = False
-                    self._cond.notify_all()
+            while not mine.done:
+                if not mine.taken and self._inflight < MAX_INFLIGHT_SENDS:
+                    self._send_batch(container, self._take())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 and not mine.taken:
+                    with contextlib.suppress(ValueError):
+                        self._pending.remove(mine)
+                    raise StorageUnavailableError("The event queue is too slow; retry.")
+                # A taken batch is being written: wait for its outcome (the storage client's
+                # own timeouts bound that wait).
+                self._cond.wait(max(left, 0.05) if not mine.taken else 1.0)
         if mine.error is not None:
             raise mine.error
 
