@@ -302,8 +302,6 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
     from connector_core.bootstrap import Container, set_container
     from connector_core.domain.models import (
         EhrUserMapping,
-        Environment,
-        TenantConfig,
         utcnow,
     )
     from connector_core.domain.visit_keys import ehr_user_key
@@ -313,6 +311,7 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
     from devtools.dev_secrets import dev_secret_settings
     from devtools.host import LocalHost
     from devtools.sandbox import Sandbox
+    from devtools.seed_config import add_approved_config
 
     count = iterations or (10 if quick else 40)
     meter = _Meter()
@@ -359,21 +358,9 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
 
         now = utcnow()
         tenant = next(iter(sandbox.entra.tenants.values())).tid
-        config = TenantConfig(
-            id=uuid.uuid4().hex,
-            tenant_id=tenant,
-            region=settings.region,
-            fhir_base_url=sandbox.fhir_base,
-            approver_upn="approver@sandbox.example",
-            environment=Environment.TEST,
-            created_at=now,
-            created_by="bench",
-            updated_at=now,
+        config = add_approved_config(
+            container, tenant_id=tenant, fhir_base_url=sandbox.fhir_base, created_by="bench"
         )
-        config = config.record_ehr_signin(by=config.approver_upn, at=now).approve(
-            by=config.approver_upn, at=now
-        )
-        container.configs.add(config)
         oid = sandbox.entra.user_for_practitioner(PRACTITIONER).oid
         container.mappings.upsert(
             EhrUserMapping(

@@ -211,30 +211,17 @@ def _setup_visits(container: Any, info: dict[str, Any], visits: int) -> list[dic
     import uuid
 
     from connector_core.domain.models import (
-        Environment,
         GraphSubscription,
-        TenantConfig,
         Visit,
         utcnow,
     )
     from devtools.sandbox import seed
+    from devtools.seed_config import add_approved_config
 
     now = utcnow()
-    config = TenantConfig(
-        id=uuid.uuid4().hex,
-        tenant_id=info["tenant"],
-        region=container.settings.region,
-        fhir_base_url=info["fhir_base"],
-        approver_upn="approver@sandbox.example",
-        environment=Environment.TEST,
-        created_at=now,
-        created_by="bench",
-        updated_at=now,
+    config = add_approved_config(
+        container, tenant_id=info["tenant"], fhir_base_url=info["fhir_base"], created_by="bench"
     )
-    config = config.record_ehr_signin(by=config.approver_upn, at=now).approve(
-        by=config.approver_upn, at=now
-    )
-    container.configs.add(config)
     appt = seed.APPOINTMENTS[APPOINTMENT]
     sealed = container.keyring.seal(
         "visit-context",

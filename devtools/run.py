@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,26 +39,20 @@ def _connector_env(
 def _seed_config(fhir_base: str, tenant_id: str, approver: str) -> str:
     """An approved config for the sandbox EHR, so the demo's launch buttons work at once."""
     from connector_core.bootstrap import get_container
-    from connector_core.domain.models import Environment, TenantConfig, utcnow
+    from connector_core.domain.models import Environment
+    from devtools.seed_config import add_approved_config
 
     container = get_container()
-    now = utcnow()
     existing = container.configs.find_id_by_url(tenant_id, Environment.TEST.value, fhir_base)
     if existing:
         return existing
-    config = TenantConfig(
-        id=uuid.uuid4().hex,
+    config = add_approved_config(
+        container,
         tenant_id=tenant_id,
-        region=container.settings.region,
         fhir_base_url=fhir_base,
-        approver_upn=approver,
-        environment=Environment.TEST,
-        created_at=now,
+        approver=approver,
         created_by="make-run-seed",
-        updated_at=now,
     )
-    config = config.record_ehr_signin(by=approver, at=now).approve(by=approver, at=now)
-    container.configs.add(config)
     return config.id
 
 

@@ -12,7 +12,6 @@ import logging
 import os
 import ssl
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,11 +20,12 @@ from urllib.parse import urlsplit
 import httpx
 
 from connector_core.bootstrap import Container, get_container, reset_container
-from connector_core.domain.models import EhrVendor, Environment, Region, TenantConfig, utcnow
+from connector_core.domain.models import EhrVendor, Environment, Region, TenantConfig
 from devtools._serve import free_port
 from devtools.azurite import Azurite
 from devtools.dev_secrets import dev_secret_settings
 from devtools.sandbox import Sandbox
+from devtools.seed_config import add_approved_config
 
 __all__ = ["Browser", "LogCapture", "Stack"]
 
@@ -177,25 +177,14 @@ class Stack:
     ) -> TenantConfig:
         """An approved config for the sandbox EHR, written through the repository (a fixture
         for launch and presence tests; the portal API's own tests go through HTTP)."""
-        now = utcnow()
-        tid = tenant_id or self.tenant(0).tid
-        config = TenantConfig(
-            id=uuid.uuid4().hex,
-            tenant_id=tid,
-            region=self.region,
+        return add_approved_config(
+            self.container(),
+            tenant_id=tenant_id or self.tenant(0).tid,
             fhir_base_url=fhir_base_url or self.sandbox.fhir_base,
-            approver_upn="approver@sandbox.example",
+            vendor=vendor,
             environment=environment,
-            ehr_vendor=vendor,
-            created_at=now,
             created_by="fixture",
-            updated_at=now,
         )
-        config = config.record_ehr_signin(by=config.approver_upn, at=now).approve(
-            by=config.approver_upn, at=now
-        )
-        self.container().configs.add(config)
-        return config
 
     def table_dump(self) -> list[dict[str, Any]]:
         """Every entity of every table in this stack's Azurite (for privacy scans)."""

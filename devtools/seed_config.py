@@ -1,0 +1,46 @@
+"""An approved tenant config for a sandbox EHR, written straight through the repository.
+
+Used where the portal flow itself is not what is being exercised: ``make run`` (so the demo's
+launch buttons work at once), the benchmarks and the launch/presence test fixtures. The
+portal API's own tests go through HTTP.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from connector_core.bootstrap import Container
+from connector_core.domain.models import EhrVendor, Environment, TenantConfig, utcnow
+
+__all__ = ["SANDBOX_APPROVER", "add_approved_config"]
+
+SANDBOX_APPROVER = "approver@sandbox.example"
+
+
+def add_approved_config(
+    container: Container,
+    *,
+    tenant_id: str,
+    fhir_base_url: str,
+    vendor: EhrVendor = EhrVendor.SMART,
+    environment: Environment = Environment.TEST,
+    approver: str = SANDBOX_APPROVER,
+    created_by: str = "devtools",
+) -> TenantConfig:
+    """Create the config, record the approver's EHR sign-in and approve it, as the portal would."""
+    now = utcnow()
+    config = TenantConfig(
+        id=uuid.uuid4().hex,
+        tenant_id=tenant_id,
+        region=container.settings.region,
+        fhir_base_url=fhir_base_url,
+        approver_upn=approver,
+        environment=environment,
+        ehr_vendor=vendor,
+        created_at=now,
+        created_by=created_by,
+        updated_at=now,
+    )
+    config = config.record_ehr_signin(by=approver, at=now).approve(by=approver, at=now)
+    container.configs.add(config)
+    return config
