@@ -362,6 +362,7 @@ def run_presence_bench(
     seconds: float | None = None,
     visits: int | None = None,
     concurrency: int = 64,
+    worker_instances: int = 1,
     drain_timeout: float = 300.0,
 ) -> dict[str, Any]:
     """Run the benchmark; returns ``{"figures": [...], "raw": {...}}``."""
@@ -433,33 +434,37 @@ def run_presence_bench(
             os.environ[key] = value
         try:
             reset_container()
-            # The webhook serves HTTP here; the queue worker runs in a second host process, as
-            # Azure runs queue-triggered work on its own workers/instances under load (one
-            # Python process would make acknowledgements wait behind write-back CPU work).
+            # The webhook serves HTTP here; queue work runs in other host processes, as Azure
+            # runs queue-triggered work on its own instances and scales them out on a backlog
+            # (one Python process would make acknowledgements wait behind write-back CPU).
             host = LocalHost(
                 function_app.app, port=port, log_requests=False, run_triggers=False
             ).start()
             stack.callback(host.stop)
             empty_settings = Path(tmp, "worker.settings.json")
             empty_settings.write_text('{"IsEncrypted": false, "Values": {}}')
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "devtools.host",
-                    "--port",
-                    "0",
-                    "--settings",
-                    str(empty_settings),
-                ],
-                cwd=repo,
-                env=dict(os.environ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                preexec_fn=lambda: os.nice(10),  # see _lower_priority
-            )
-            stack.callback(worker.wait, 30)
-            stack.callback(worker.terminate)
+            workers = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "devtools.host",
+                        "--port",
+                        "0",
+                        "--settings",
+                        str(empty_settings),
+                    ],
+                    cwd=repo,
+                    env=dict(os.environ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    preexec_fn=lambda: os.nice(10),  # see _lower_priority
+                )
+                for _ in range(worker_instances)
+            ]
+            for worker in workers:
+                stack.callback(worker.wait, 30)
+                stack.callback(worker.terminate)
             container = get_container()
             setup = _setup_visits(container, info, visits)
             bodies, keys = _notifications(container, setup, count)
@@ -508,8 +513,8 @@ def run_presence_bench(
             time.sleep(2.0)  # late duplicates would show up here
             arrivals.extend((k, t) for k, t in ask("arrivals"))
             queued_messages = group_sends = container.presence.group_commit.sends
-            worker_exit = worker.poll()
-            assert worker_exit is None, f"the queue worker process exited early ({worker_exit})"
+            exits = [w.poll() for w in workers]
+            assert exits == [None] * len(workers), f"a queue worker process exited early: {exits}"
             child.stdin.write("stop\n")
             child.stdin.flush()
         finally:
@@ -574,6 +579,7 @@ def run_presence_bench(
     return {
         "figures": figures,
         "raw": {
+            "worker_instances": worker_instances,
             "notifications": len(results),
             "visits": visits,
             "concurrency": concurrency,
