@@ -32,7 +32,6 @@ import hashlib
 import hmac
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from connector_core.errors import (
 )
 from connector_core.logs import get_logger, log_event
 from connector_core.service.subscriptions import ensure_subscription, try_create_subscription
+from connector_core.ttl_cache import TtlCache
 
 if TYPE_CHECKING:
     from connector_core.adapters.smart import SmartConfiguration, SmartTokenResponse
@@ -161,43 +161,40 @@ class LaunchCache:
         self._mappings = mappings
         self._config_ttl = config_ttl
         self._mapping_ttl = mapping_ttl
-        self._clock = clock
-        self._config_items: dict[str, tuple[float, TenantConfig]] = {}
-        self._mapping_items: dict[str, tuple[float, EhrUserMapping]] = {}
-        self._lock = threading.Lock()
+        self._config_items: TtlCache[str, TenantConfig] = TtlCache(clock=clock)
+        self._mapping_items: TtlCache[str, EhrUserMapping] = TtlCache(clock=clock)
+
+    def config_record(self, config_id: str) -> TenantConfig:
+        """The config whatever its status (write-back also serves visits of changed configs)."""
+        if not _CONFIG_ID_RE.match(config_id):
+            raise NotFoundError("No configuration has this id.")
+        cached = self._config_items.get(config_id)
+        if isinstance(cached, TenantConfig):
+            return cached
+        config = self._configs.get_by_id(config_id).record
+        self._config_items.put(config_id, config, ttl=self._config_ttl)
+        return config
 
     def config(self, config_id: str) -> TenantConfig:
         """The approved config; ``NotFoundError`` / ``InvalidStateError`` (not approved)."""
-        if not _CONFIG_ID_RE.match(config_id):
-            raise NotFoundError("No configuration has this id.")
-        now = self._clock()
-        with self._lock:
-            cached = self._config_items.get(config_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        config = self._configs.get_by_id(config_id).record
+        config = self.config_record(config_id)
         if config.status is not ConfigStatus.APPROVED:
             self.forget_config(config_id)
             raise InvalidStateError(
                 "This virtual-visit configuration is not approved yet.",
                 action="Ask the configuration's approver to complete the approval in the portal.",
             )
-        with self._lock:
-            self._config_items[config_id] = (now + self._config_ttl, config)
         return config
 
     def forget_config(self, config_id: str) -> None:
-        with self._lock:
-            self._config_items.pop(config_id, None)
+        self._config_items.forget(config_id)
 
     def mapping(self, user_key: str, *, fresh: bool = False) -> tuple[EhrUserMapping | None, bool]:
         """``(mapping or None, came from the cache)``; ``fresh`` skips the cache."""
-        now = self._clock()
         if not fresh:
-            with self._lock:
-                cached = self._mapping_items.get(user_key)
-            if cached is not None and cached[0] > now:
-                return cached[1], True
+            cached = self._mapping_items.get(user_key)
+            if isinstance(cached, EhrUserMapping):
+                return cached, True
         try:
             mapping = self._mappings.get(user_key).record
         except NotFoundError:
@@ -207,15 +204,10 @@ class LaunchCache:
         return mapping, False
 
     def remember_mapping(self, mapping: EhrUserMapping) -> None:
-        with self._lock:
-            self._mapping_items[mapping.ehr_user_key] = (
-                self._clock() + self._mapping_ttl,
-                mapping,
-            )
+        self._mapping_items.put(mapping.ehr_user_key, mapping, ttl=self._mapping_ttl)
 
     def forget_mapping(self, user_key: str) -> None:
-        with self._lock:
-            self._mapping_items.pop(user_key, None)
+        self._mapping_items.forget(user_key)
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from connector_core.domain.models import (
     GraphSubscription,
     ParticipantRole,
     ParticipantStatus,
-    TenantConfig,
     Versioned,
     Visit,
 )
@@ -69,6 +68,7 @@ from connector_core.errors import (
     StorageUnavailableError,
 )
 from connector_core.logs import get_logger, log_event
+from connector_core.ttl_cache import Missing, TtlCache
 
 if TYPE_CHECKING:
     from connector_core.bootstrap import Container
@@ -128,32 +128,14 @@ class PresenceRuntime:
 
     options: PresenceOptions = field(default_factory=PresenceOptions)
     group_commit: GroupCommit = field(default_factory=lambda: GroupCommit())
-    _cache: dict[str, tuple[float, _SubscriptionInfo | None]] = field(default_factory=dict)
-    _configs: dict[str, tuple[float, TenantConfig]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def config(self, container: Container, config_id: str) -> TenantConfig:
-        """The visit's config, cached a minute (write-backs of one visit come in bursts)."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._configs.get(config_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        config = container.configs.get_by_id(config_id).record
-        with self._lock:
-            if len(self._configs) > 1000:
-                self._configs.clear()
-            self._configs[config_id] = (now + 60.0, config)
-        return config
+    _cache: TtlCache[str, _SubscriptionInfo | None] = field(default_factory=TtlCache)
 
     def subscription(self, container: Container, subscription_id: str) -> _SubscriptionInfo | None:
         """The subscription's visit, tenant and clientState, cached (a few seconds for unknown
         ids, so a flood of forged ids cannot hammer storage)."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(subscription_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        hit = self._cache.get(subscription_id)
+        if not isinstance(hit, Missing):
+            return hit
         info: _SubscriptionInfo | None
         try:
             record = container.subscriptions.get(subscription_id).record
@@ -165,15 +147,11 @@ class PresenceRuntime:
             secret = client_state_of(container, record)
             info = _SubscriptionInfo(record.visit_key, record.tenant_id, secret)
             ttl = self.options.subscription_cache_seconds
-        with self._lock:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[subscription_id] = (now + ttl, info)
+        self._cache.put(subscription_id, info, ttl=ttl)
         return info
 
     def forget(self, subscription_id: str) -> None:
-        with self._lock:
-            self._cache.pop(subscription_id, None)
+        self._cache.forget(subscription_id)
 
 
 # --- queue message -------------------------------------------------------------------------------
@@ -624,7 +602,8 @@ def _perform(container: Container, visit: Visit, record: WritebackRecord, etag: 
 
     ledger = container.writebacks
     try:
-        config = container.presence.config(container, visit.config_id)
+        # The launch's config cache: one per worker, told by the portal about edits.
+        config = container.launch_cache.config_record(visit.config_id)
         context = WritebackContext()
         if visit.sealed_context:
             context = WritebackContext.from_payload(
