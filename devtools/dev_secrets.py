@@ -22,7 +22,12 @@ from cryptography.x509.oid import NameOID
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["dev_secret_settings", "new_rsa_private_key_pem", "new_self_signed_cert_pem"]
+__all__ = [
+    "dev_secret_settings",
+    "new_rsa_private_key_pem",
+    "new_self_signed_cert",
+    "new_self_signed_cert_pem",
+]
 
 
 def new_rsa_private_key_pem(bits: int = 2048) -> str:
@@ -34,8 +39,10 @@ def new_rsa_private_key_pem(bits: int = 2048) -> str:
     ).decode()
 
 
-def new_self_signed_cert_pem(common_name: str = "vv-connector-notifications") -> str:
-    """A self-signed certificate followed by its private key, both PEM (Graph encryption)."""
+def new_self_signed_cert(
+    common_name: str, *, days: int = 365
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    """A fresh RSA 2048 key and a self-signed certificate for it (dev and test material)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
@@ -46,9 +53,15 @@ def new_self_signed_cert_pem(common_name: str = "vv-connector-notifications") ->
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365))
+        .not_valid_after(now + dt.timedelta(days=days))
         .sign(key, hashes.SHA256())
     )
+    return key, cert
+
+
+def new_self_signed_cert_pem(common_name: str = "vv-connector-notifications") -> str:
+    """A self-signed certificate followed by its private key, both PEM (Graph encryption)."""
+    key, cert = new_self_signed_cert(common_name)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -14,7 +14,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 __all__ = ["SigningKey", "b64url", "b64url_decode", "hs256_jwt", "unsigned_jwt", "utc_now"]
 
@@ -46,19 +45,9 @@ class SigningKey:
 
     @classmethod
     def generate(cls, subject: str = "sandbox.login.local") -> SigningKey:
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        now = utc_now()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=365))
-            .sign(key, hashes.SHA256())
-        )
+        from devtools.dev_secrets import new_self_signed_cert
+
+        key, cert = new_self_signed_cert(subject)
         # Entra's kid is the base64url SHA-1 thumbprint of the certificate (same as x5t).
         kid = b64url(cert.fingerprint(hashes.SHA1()))
         return cls(private_key=key, certificate=cert, kid=kid)

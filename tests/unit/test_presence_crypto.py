@@ -9,7 +9,6 @@ PKCS7 padding and IV = the key's first 16 bytes; HMAC-SHA256 of the ciphertext u
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -22,27 +21,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 
 from connector_core.adapters.notification_crypto import NotificationDecryptor
 from connector_core.errors import AuthenticationError, InvalidInputError, SettingsError
+from devtools.dev_secrets import new_self_signed_cert
 from devtools.sandbox._notify import encrypt_rich_notification
 
 
 def make_cert(cn: str = "vv-test") -> tuple[x509.Certificate, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = new_self_signed_cert(cn, days=1)
     pem = (
         cert.public_bytes(serialization.Encoding.PEM).decode()
         + key.private_bytes(

@@ -4,7 +4,6 @@ plays the connector's presence endpoints."""
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import html
 import re
 import ssl
@@ -17,15 +16,15 @@ from typing import Any
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from devtools._serve import ServerThread
+from devtools.dev_secrets import new_self_signed_cert
 from devtools.sandbox import Sandbox
 from devtools.sandbox.entra import CONTOSO_TID, FABRIKAM_TID
 
@@ -201,17 +200,5 @@ class EncryptionCert:
 
 @pytest.fixture(scope="package")
 def encryption_cert() -> EncryptionCert:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "connector notifications")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = new_self_signed_cert("connector notifications", days=30)
     return EncryptionCert(key, cert)
