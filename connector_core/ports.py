@@ -59,8 +59,9 @@ class EntityStore(Protocol):
         """All ``(entity, etag)`` pairs of one partition (empty list when none)."""
         ...
 
-    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> None:
-        """All-or-nothing batch within one partition. Raises as the failing op would."""
+    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:
+        """All-or-nothing batch within one partition. Raises as the failing op would.
+        Returns each operation's new ETag (``None`` for a delete), in order."""
         ...
 
     def ping(self) -> None:

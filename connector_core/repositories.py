@@ -170,7 +170,7 @@ class ConfigRepository:
         }
         self._store.create_entity(self._table, index)
         try:
-            self._store.submit_transaction(
+            etags = self._store.submit_transaction(
                 self._table,
                 [TransactionOp("create", row), TransactionOp("create", self._url_row(config))],
             )
@@ -186,7 +186,8 @@ class ConfigRepository:
         except Exception:
             self._store.delete_entity(self._table, f"id-{config.id}", "tenant")
             raise
-        return self.get(config.tenant_id, config.id).etag
+        assert etags[0] is not None
+        return etags[0]
 
     def update(self, config: TenantConfig, *, expected: Versioned[TenantConfig]) -> str:
         """Replace if unchanged since ``expected`` was read (``ConcurrencyConflictError``)."""
@@ -198,7 +199,7 @@ class ConfigRepository:
                 TransactionOp("create", self._url_row(config)),
             ]
         try:
-            self._store.submit_transaction(self._table, ops)
+            etags = self._store.submit_transaction(self._table, ops)
         except ConflictError:
             existing = self.find_id_by_url(
                 config.tenant_id, config.environment.value, config.fhir_base_url
@@ -207,7 +208,8 @@ class ConfigRepository:
                 "This FHIR base URL is already registered for this environment.",
                 existingId=existing,
             ) from None
-        return self.get(config.tenant_id, config.id).etag
+        assert etags[0] is not None
+        return etags[0]
 
     def delete(self, tenant_id: str, config_id: str) -> None:
         """Idempotent."""

@@ -199,7 +199,7 @@ class AzureTableStore:
         except NotFoundError:
             return []
 
-    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> None:
+    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:
         batch: list[Any] = []
         for op in ops:
             entity = dict(op.entity)
@@ -227,9 +227,9 @@ class AzureTableStore:
                 )
                 batch.append(("delete", entity, options))
 
-        def action(client: Any) -> None:
+        def action(client: Any) -> list[str | None]:
             try:
-                client.submit_transaction(batch)
+                results = client.submit_transaction(batch)
             except TableTransactionError as exc:
                 code = str(getattr(exc, "error_code", ""))
                 if code == "EntityAlreadyExists":
@@ -241,8 +241,12 @@ class AzureTableStore:
                 if code == "ResourceNotFound":
                     raise NotFoundError("The record was not found.") from None
                 raise
+            return [
+                None if op.kind == "delete" else str(result.get("etag"))
+                for op, result in zip(ops, results, strict=True)
+            ]
 
-        self._call(table, "The record", action)
+        return self._call(table, "The record", action)
 
     def ping(self) -> None:
         try:

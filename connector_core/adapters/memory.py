@@ -93,7 +93,7 @@ class InMemoryEntityStore:
                 if pk == partition_key
             ]
 
-    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> None:
+    def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:
         with self._lock:
             self.operations += 1
             partitions = {str(op.entity["PartitionKey"]) for op in ops}
@@ -104,11 +104,14 @@ class InMemoryEntityStore:
                     self._check_create(table, op.entity)
                 elif op.kind in ("update", "delete") and (op.kind == "update" or op.etag):
                     self._check_etag(table, self._key(op.entity), op.etag)
+            etags: list[str | None] = []
             for op in ops:
                 if op.kind == "delete":
                     self._tables[table].pop(self._key(op.entity), None)
+                    etags.append(None)
                 else:
-                    self._put(table, op.entity)
+                    etags.append(self._put(table, op.entity))
+            return etags
 
     def ping(self) -> None:
         return None
