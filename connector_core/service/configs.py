@@ -203,12 +203,9 @@ def _client_id(container: Container, config: TenantConfig) -> str:
 
 
 def _forget_in_launch_cache(container: Container, config_id: str) -> None:
-    """Launches on this worker stop using a changed or deleted config at once (other workers
-    within the launch cache's TTL). The cache exists only where launches were served."""
-    cache = container.__dict__.get("launch_cache")
-    forget = getattr(cache, "forget_config", None)
-    if callable(forget):
-        forget(config_id)
+    """Launches and write-backs on this worker stop using a changed or deleted config at once
+    (other workers within the launch cache's TTL)."""
+    container.launch_cache.forget_config(config_id)
 
 
 def _ensure_unique(
