@@ -31,6 +31,7 @@ from connector_core.settings import Settings
 if TYPE_CHECKING:
     import httpx
 
+    from connector_core.adapters.ehr_http import EhrTargetPolicy
     from connector_core.adapters.ehr_writeback import EhrWriter
     from connector_core.adapters.entra_signin import EntraSignIn, MsalApps
     from connector_core.adapters.entra_tokens import PortalTokenValidator
@@ -81,6 +82,22 @@ class Container:
         )
 
     @cached_property
+    def ehr_policy(self) -> EhrTargetPolicy:
+        from connector_core.adapters.ehr_http import EhrTargetPolicy, parse_private_targets
+
+        return EhrTargetPolicy(
+            dev_mode=self.settings.dev_mode,
+            private_targets=parse_private_targets(self.settings.ehr_private_targets),
+        )
+
+    @cached_property
+    def ehr_http(self) -> httpx.Client:
+        """The guarded client for every EHR call (connector_core.adapters.ehr_http)."""
+        from connector_core.adapters.ehr_http import guarded_client
+
+        return guarded_client(self.ehr_policy)
+
+    @cached_property
     def keyring(self) -> Keyring:
         return Keyring(self.settings.secret_key_bytes)
 
@@ -93,7 +110,9 @@ class Container:
     def smart(self) -> SmartClient:
         from connector_core.adapters.smart import SmartClient
 
-        return SmartClient(http=self.http, signing_keys=self.signing_keys)
+        return SmartClient(
+            http=self.ehr_http, signing_keys=self.signing_keys, policy=self.ehr_policy
+        )
 
     @cached_property
     def msal_apps(self) -> MsalApps:
@@ -134,7 +153,9 @@ class Container:
     def fhir_probe(self) -> FhirProbe:
         from connector_core.adapters.fhir_probe import FhirProbe
 
-        return FhirProbe(dev_mode=self.settings.dev_mode)
+        return FhirProbe(
+            dev_mode=self.settings.dev_mode, private_targets=self.ehr_policy.private_targets
+        )
 
     # --- presence: notification decryption, write-back ledger and writer ---------------------
     @cached_property
@@ -151,7 +172,7 @@ class Container:
     def ehr_writer(self) -> EhrWriter:
         from connector_core.adapters.ehr_writeback import EhrWriter
 
-        return EhrWriter(http=self.http, tokens=self.smart)
+        return EhrWriter(http=self.ehr_http, tokens=self.smart)
 
     @cached_property
     def presence(self) -> PresenceRuntime:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,6 +90,44 @@ class Settings(BaseModel):
     smart_client_id: str = Field(validation_alias="SMART_CLIENT_ID")
     smart_private_key: SecretStr = Field(validation_alias="SMART_PRIVATE_KEY")
     graph_notification_cert: SecretStr = Field(validation_alias="GRAPH_NOTIFICATION_CERT")
+    allowed_tenants: frozenset[str] = Field(
+        default=frozenset(), validation_alias="CONNECTOR_ALLOWED_TENANTS"
+    )
+    ehr_private_targets: str = Field(default="", validation_alias="CONNECTOR_EHR_PRIVATE_TARGETS")
+    retention_days: int = Field(
+        default=7, ge=1, le=3650, validation_alias="CONNECTOR_RETENTION_DAYS"
+    )
+
+    @field_validator("allowed_tenants", mode="before")
+    @classmethod
+    def _tenant_list(cls, value: Any) -> frozenset[str]:
+        if isinstance(value, str):
+            items = [v.strip().lower() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple | set | frozenset):
+            items = [str(v).strip().lower() for v in value if str(v).strip()]
+        else:
+            raise ValueError("must be comma-separated Entra tenant ids")
+        for item in items:
+            try:
+                uuid.UUID(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an Entra tenant id (a GUID)") from None
+        return frozenset(items)
+
+    @field_validator("ehr_private_targets")
+    @classmethod
+    def _private_targets(cls, value: str) -> str:
+        from connector_core.adapters.ehr_http import parse_private_targets
+
+        try:
+            parse_private_targets(value)
+        except SettingsError as error:
+            raise ValueError(error.detail.split(": ", 1)[-1]) from None
+        return value
+
+    def tenant_may_onboard(self, tenant_id: str) -> bool:
+        """``CONNECTOR_ALLOWED_TENANTS``: empty means any tenant (a multi-tenant service)."""
+        return not self.allowed_tenants or tenant_id.lower() in self.allowed_tenants
 
     @field_validator("public_url", "entra_authority_host", "graph_base_url", "portal_url")
     @classmethod

@@ -480,6 +480,7 @@ def run_presence_bench(
 
             container.ehr_writer.backend_token(
                 info["fhir_base"],
+                allowed_hosts=(),
                 client_id=container.settings.smart_client_id,
                 scope=scope_string(BACKEND_SERVICES_SCOPES),
             )

@@ -26,14 +26,26 @@ def add_approved_config(
     environment: Environment = Environment.TEST,
     approver: str = SANDBOX_APPROVER,
     created_by: str = "devtools",
+    endpoint_hosts: tuple[str, ...] | None = None,
 ) -> TenantConfig:
-    """Create the config, record the approver's EHR sign-in and approve it, as the portal would."""
+    """Create the config, record the approver's EHR sign-in and approve it, as the portal would.
+
+    The URL is checked like the portal checks it (``FhirProbe``), which also records the
+    allowance for the EHR's endpoints on other hosts; pass ``endpoint_hosts`` to skip that for
+    an EHR that is not running.
+    """
+    from connector_core.service.configs import endpoint_allowance
+
+    if endpoint_hosts is None:
+        report = container.fhir_probe.probe(fhir_base_url)
+        fhir_base_url, endpoint_hosts = report.fhir_base_url, endpoint_allowance(report)
     now = utcnow()
     config = TenantConfig(
         id=uuid.uuid4().hex,
         tenant_id=tenant_id,
         region=container.settings.region,
         fhir_base_url=fhir_base_url,
+        ehr_endpoint_hosts=endpoint_hosts,
         approver_upn=approver,
         environment=environment,
         ehr_vendor=vendor,

@@ -124,6 +124,7 @@ def portal_ehr_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
         state=req.params.get("state"),
         code=req.params.get("code"),
         error=req.params.get("error"),
+        iss=req.params.get("iss"),
     )
     if done.redirect_url:
         return func.HttpResponse(

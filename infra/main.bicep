@@ -54,6 +54,17 @@ param graphBaseUrl string = 'https://graph.microsoft.com'
 @description('The connector\'s client id at the EHR (SMART_CLIENT_ID); a config may override it.')
 param smartClientId string = ''
 
+@description('Entra tenant ids (comma-separated) that may use this deployment\'s portal (CONNECTOR_ALLOWED_TENANTS). Empty: any tenant.')
+param allowedTenants string = ''
+
+@description('Private EHR addresses the connector may call, ADDRESS[/PREFIX][:PORT] comma-separated (CONNECTOR_EHR_PRIVATE_TARGETS). Empty: public EHR endpoints only.')
+param ehrPrivateTargets string = ''
+
+@description('Days visit records, nonces and delivery ledgers are kept after a visit ends (CONNECTOR_RETENTION_DAYS).')
+@minValue(1)
+@maxValue(3650)
+param retentionDays int = 7
+
 @description('Flex Consumption instance memory in MB.')
 @allowed([
   512
@@ -182,6 +193,9 @@ module functionApp 'app/function-app.bicep' = {
     entraAuthorityHost: entraAuthorityHost
     graphBaseUrl: graphBaseUrl
     smartClientId: smartClientId
+    allowedTenants: allowedTenants
+    ehrPrivateTargets: ehrPrivateTargets
+    retentionDays: retentionDays
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     identityId: identity.outputs.id

@@ -11,12 +11,15 @@
   ``{epicBase}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus``.
 
 Failures raise ``EhrError`` with the HTTP status (no response bodies: they may echo clinical
-data); the caller retries through the queue.
+data); the caller retries through the queue. A token the EHR refuses (401, or 403 with
+``invalid_token``) is marked ``reason="token_rejected"``: the caller fetches a fresh one
+(``backend_token(..., fresh=True)``) and tries once more at once. Every call goes through the
+guarded EHR client (``ehr_http``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -55,9 +58,13 @@ FHIR_JSON = "application/fhir+json"
 class BackendTokens(Protocol):
     """What the writer needs of ``SmartClient`` (connector_core.adapters.smart)."""
 
-    def get_configuration(self, fhir_base_url: str) -> Any: ...
+    def get_configuration(
+        self, fhir_base_url: str, *, allowed_hosts: Iterable[str] = ()
+    ) -> Any: ...
 
     def backend_token(self, smart: Any, *, client_id: str, scope: str) -> str: ...
+
+    def forget_backend_token(self, smart: Any, *, client_id: str, scope: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -223,8 +230,20 @@ class EhrWriter:
         self._http = http
         self._tokens = tokens
 
-    def backend_token(self, fhir_base_url: str, *, client_id: str, scope: str) -> str:
-        smart = self._tokens.get_configuration(fhir_base_url)
+    def backend_token(
+        self,
+        fhir_base_url: str,
+        *,
+        client_id: str,
+        scope: str,
+        allowed_hosts: Iterable[str] = (),
+        fresh: bool = False,
+    ) -> str:
+        """A backend-services token; ``fresh`` drops the cached one first (the EHR rejected
+        it: revoked before its expiry)."""
+        smart = self._tokens.get_configuration(fhir_base_url, allowed_hosts=allowed_hosts)
+        if fresh:
+            self._tokens.forget_backend_token(smart, client_id=client_id, scope=scope)
         return self._tokens.backend_token(smart, client_id=client_id, scope=scope)
 
     def _post(self, url: str, *, token: str, json_body: Any, content_type: str, what: str) -> None:
@@ -246,9 +265,15 @@ class EhrWriter:
                 ehrStatus=None,
             ) from None
         if response.status_code >= 300:
+            challenge = response.headers.get("www-authenticate", "").lower()
+            rejected = response.status_code == 401 or (
+                response.status_code == 403 and "invalid_token" in challenge
+            )
             raise EhrError(
                 f"The EHR answered {response.status_code} to {what}.",
                 ehrStatus=response.status_code,
+                # The token itself was refused: the caller retries once with a fresh one.
+                reason="token_rejected" if rejected else None,
             )
 
     def post_audit_event(

@@ -261,6 +261,7 @@ class ProbeReport:
     authorization_endpoint: str
     token_endpoint: str
     address: str  # the checked address the probe connected to
+    jwks_uri: str | None = None
 
 
 class _Deadline:
@@ -285,8 +286,10 @@ class FhirProbe:
         resolve_timeout: float = 3.0,
         max_body_bytes: int = 1_000_000,
         verify: ssl.SSLContext | bool = True,
+        private_targets: Iterable[Any] = (),
     ) -> None:
         self.dev_mode = dev_mode
+        self._private_targets = tuple(private_targets)  # ehr_http.PrivateTarget entries
         self._resolver = resolver
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -324,6 +327,7 @@ class FhirProbe:
             authorization_endpoint=authorize,
             token_endpoint=token,
             address=address,
+            jwks_uri=jwks_uri if isinstance(jwks_uri, str) and jwks_uri else None,
         )
 
     # step 2 ------------------------------------------------------------------------------------
@@ -352,6 +356,10 @@ class FhirProbe:
         addresses = self._resolve(host, port)
         for address in addresses:
             reason = check_address(address, dev_mode=self.dev_mode)
+            if reason is not None and any(
+                target.matches(address, port) for target in self._private_targets
+            ):
+                reason = None  # the operator allowed this private target
             if reason is not None:
                 # Name the address only for loopback: telling which internal address a name
                 # resolves to would make this check a small map of the internal network.

@@ -5,6 +5,12 @@ per URL with a TTL; backend-services tokens are cached until shortly before they
 failure becomes an ``EhrError`` whose detail names the step and the OAuth error code only (never
 the EHR's free-text description, which may echo request values).
 
+Every call goes through the guarded EHR client (``ehr_http``): discovery endpoints are
+re-checked on each use, and pages see which step failed, never what the EHR answered (the log
+has the status with the correlation id). Authorization responses are checked against the
+authorization server's ``issuer`` (RFC 9207, ``verify_response_issuer``) and id_tokens as OpenID
+Connect Core 3.1.3.7 asks (``SmartClient.validate_id_token``).
+
 Confidential clients authenticate with ``private_key_jwt`` (an RS384 assertion signed with
 ``SMART_PRIVATE_KEY``) when the EHR advertises it; otherwise the code exchange runs as a public
 client (``client_id`` + PKCE).
@@ -12,9 +18,11 @@ client (``client_id`` + PKCE).
 
 from __future__ import annotations
 
+import hmac
+import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -22,10 +30,12 @@ from urllib.parse import quote, urlencode, urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from connector_core.errors import EhrError
+from connector_core.logs import get_logger, log_event
 
 if TYPE_CHECKING:
     import httpx
 
+    from connector_core.adapters.ehr_http import EhrTargetPolicy
     from connector_core.crypto import SigningKeys
 
 __all__ = [
@@ -33,11 +43,13 @@ __all__ = [
     "SmartConfiguration",
     "SmartTokenResponse",
     "normalize_fhir_base",
+    "verify_response_issuer",
 ]
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 _ID_TOKEN_ALGS = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384"]
 _CLOCK_LEEWAY = 60  # seconds of clock skew tolerated on id_token times
+_log = get_logger("ehr")
 
 
 def normalize_fhir_base(url: str) -> str:
@@ -78,6 +90,8 @@ class SmartConfiguration:
     token_endpoint_auth_signing_alg_values_supported: tuple[str, ...]
     capabilities: tuple[str, ...]
     grant_types_supported: tuple[str, ...]
+    # RFC 9207: the server adds ``iss`` to every authorization response; then it is required.
+    authorization_response_iss_parameter_supported: bool = False
 
     def supports_private_key_jwt(self) -> bool:
         if "private_key_jwt" not in self.token_endpoint_auth_methods_supported:
@@ -110,6 +124,10 @@ class SmartConfiguration:
             ),
             capabilities=_str_tuple(doc.get("capabilities")),
             grant_types_supported=_str_tuple(doc.get("grant_types_supported")),
+            authorization_response_iss_parameter_supported=doc.get(
+                "authorization_response_iss_parameter_supported"
+            )
+            is True,
         )
 
 
@@ -183,62 +201,128 @@ class _TtlCache:
 
 
 class SmartClient:
-    """SMART on FHIR client for EHR launch, standalone launch and backend services."""
+    """SMART on FHIR client for EHR launch, standalone launch and backend services.
+
+    ``http`` must be the guarded EHR client (``ehr_http.guarded_client``) and ``policy`` the same
+    policy: every endpoint a discovery document names is re-checked on every use.
+    """
 
     def __init__(
         self,
         *,
         http: httpx.Client,
         signing_keys: SigningKeys,
+        policy: EhrTargetPolicy,
         discovery_ttl_seconds: float = 3600,
         jwks_ttl_seconds: float = 3600,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._http = http
         self._keys = signing_keys
+        self._policy = policy
         self._discovery_ttl = discovery_ttl_seconds
         self._jwks_ttl = jwks_ttl_seconds
         self._cache = _TtlCache(clock)
         self._fetch_locks: dict[Any, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
+    # --- failures: generic for the page, specific in the log ---------------------------------
+    @staticmethod
+    def _failure(
+        message: str,
+        *,
+        step: str,
+        status: int | None = None,
+        error: BaseException | None = None,
+        **extra: Any,
+    ) -> EhrError:
+        """An ``EhrError`` whose detail says which step failed, never what the EHR (or an
+        internal address it pointed us at) answered; that goes to the log with the correlation
+        id."""
+        from connector_core.adapters.ehr_http import is_target_refusal
+
+        refused = error is not None and is_target_refusal(error)
+        log_event(
+            _log,
+            "ehr.call_failed",
+            level=logging.WARNING,
+            step=step,
+            status=status if status is not None else "-",
+            error=type(error).__name__ if error is not None else "-",
+            refused_target=refused,
+        )
+        if refused:
+            extra.setdefault("reason", "ehr_target_refused")
+        return EhrError(message, ehrStatus=status, **extra)
+
     # --- discovery ---------------------------------------------------------------------------
     def _lock_for(self, key: Any) -> threading.Lock:
         with self._locks_guard:
             return self._fetch_locks.setdefault(key, threading.Lock())
 
-    def _get_json(self, url: str, what: str) -> dict[str, Any]:
+    def _get_json(self, url: str, what: str, step: str) -> dict[str, Any]:
         import httpx
 
+        self._policy.check_url(url, what)
         try:
             response = self._http.get(url, headers={"Accept": "application/json"})
-        except httpx.HTTPError:
-            raise EhrError(f"The EHR could not be reached for its {what}.") from None
+        except httpx.HTTPError as error:
+            raise self._failure(
+                f"The EHR could not be reached for its {what}.", step=step, error=error
+            ) from None
         if response.status_code != 200:
-            raise EhrError(f"The EHR answered {response.status_code} for its {what}.")
+            raise self._failure(
+                f"The EHR did not provide its {what}.", step=step, status=response.status_code
+            )
         try:
             body = response.json()
         except ValueError:
-            raise EhrError(f"The EHR's {what} is not JSON.") from None
+            raise self._failure(f"The EHR's {what} is not JSON.", step=step) from None
         if not isinstance(body, dict):
-            raise EhrError(f"The EHR's {what} is not a JSON object.")
+            raise self._failure(f"The EHR's {what} is not a JSON object.", step=step)
         return body
 
-    def get_configuration(self, fhir_base_url: str) -> SmartConfiguration:
-        """``{fhir_base_url}/.well-known/smart-configuration``, cached per base URL."""
+    def get_configuration(
+        self, fhir_base_url: str, *, allowed_hosts: Iterable[str] = ()
+    ) -> SmartConfiguration:
+        """``{fhir_base_url}/.well-known/smart-configuration``, cached per base URL. Its
+        endpoints are checked on every call (``EhrTargetPolicy.check_endpoint``) against the FHIR
+        base's host and ``allowed_hosts`` (the allowance recorded on the configuration)."""
         base = fhir_base_url.rstrip("/")
         key = ("smart", base)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached  # type: ignore[no-any-return]
-        with self._lock_for(key):  # one fetch per issuer even under concurrent launches
-            cached = self._cache.get(key)
-            if cached is not None:
-                return cached  # type: ignore[no-any-return]
-            doc = self._get_json(f"{base}/.well-known/smart-configuration", "SMART configuration")
-            smart = SmartConfiguration.from_document(base, doc)
-            self._cache.put(key, smart, self._discovery_ttl)
-            return smart
+        smart = self._cache.get(key)
+        if smart is None:
+            with self._lock_for(key):  # one fetch per issuer even under concurrent launches
+                smart = self._cache.get(key)
+                if smart is None:
+                    doc = self._get_json(
+                        f"{base}/.well-known/smart-configuration",
+                        "SMART configuration",
+                        "discovery",
+                    )
+                    smart = SmartConfiguration.from_document(base, doc)
+                    self._cache.put(key, smart, self._discovery_ttl)
+        assert isinstance(smart, SmartConfiguration)
+        hosts = tuple(allowed_hosts)
+        endpoints = [
+            (smart.authorization_endpoint, "authorization endpoint"),
+            (smart.token_endpoint, "token endpoint"),
+        ]
+        if smart.jwks_uri:
+            endpoints.append((smart.jwks_uri, "JWKS URI"))
+        for url, what in endpoints:
+            try:
+                self._policy.check_endpoint(url, fhir_base_url=base, allowed_hosts=hosts, what=what)
+            except EhrError as error:
+                log_event(
+                    _log,
+                    "ehr.endpoint_refused",
+                    level=logging.WARNING,
+                    endpoint=what,
+                    reason=error.extra.get("reason", "-"),
+                )
+                raise
+        return smart
 
     # --- authorize ---------------------------------------------------------------------------
     def build_authorize_url(
@@ -284,8 +368,12 @@ class SmartClient:
                 data=form,
                 headers={"Accept": "application/json"},
             )
-        except httpx.HTTPError:
-            raise EhrError(f"The EHR's token endpoint could not be reached ({what}).") from None
+        except httpx.HTTPError as error:
+            raise self._failure(
+                f"The EHR's token endpoint could not be reached ({what}).",
+                step="token",
+                error=error,
+            ) from None
         try:
             body = response.json()
         except ValueError:
@@ -293,13 +381,15 @@ class SmartClient:
         if response.status_code != 200 or not isinstance(body, dict):
             code = body.get("error") if isinstance(body, dict) else None
             code_text = code if isinstance(code, str) and code.isascii() else "no error code"
-            raise EhrError(
-                f"The EHR refused the {what} ({response.status_code}, {code_text[:40]}).",
-                oauthError=code_text[:40],
-                ehrStatus=response.status_code,
+            code_text = "".join(c for c in code_text[:40] if c.isalnum() or c in "_-. ")
+            raise self._failure(
+                f"The EHR refused the {what} ({code_text}).",
+                step="token",
+                status=response.status_code,
+                oauthError=code_text,
             )
         if not isinstance(body.get("access_token"), str):
-            raise EhrError(f"The EHR's {what} answer has no access token.")
+            raise self._failure(f"The EHR's {what} answer has no access token.", step="token")
         return body
 
     def _client_auth(self, smart: SmartConfiguration, client_id: str) -> dict[str, str]:
@@ -334,8 +424,13 @@ class SmartClient:
         except ValueError:
             raise EhrError("The EHR's token response is malformed.") from None
 
+    @staticmethod
+    def _backend_key(smart: SmartConfiguration, client_id: str, scope: str) -> tuple[str, ...]:
+        return ("backend", smart.token_endpoint, client_id, scope)
+
     def backend_token(self, smart: SmartConfiguration, *, client_id: str, scope: str) -> str:
-        """SMART Backend Services access token, cached until shortly before it expires."""
+        """SMART Backend Services access token, cached until shortly before it expires (or
+        until ``forget_backend_token``: the EHR rejected it)."""
         if not smart.supports_private_key_jwt():
             raise EhrError(
                 "The EHR does not advertise private_key_jwt client authentication, which SMART "
@@ -343,7 +438,7 @@ class SmartClient:
                 action="Ask the EHR analyst to register the connector as a confidential "
                 "asymmetric (JWKS) client.",
             )
-        key = ("backend", smart.token_endpoint, client_id, scope)
+        key = self._backend_key(smart, client_id, scope)
         cached = self._cache.get(key)
         if cached is not None:
             return cached  # type: ignore[no-any-return]
@@ -364,6 +459,12 @@ class SmartClient:
             self._cache.put(key, token, ttl)
         return token
 
+    def forget_backend_token(
+        self, smart: SmartConfiguration, *, client_id: str, scope: str
+    ) -> None:
+        """Drop a cached backend token the EHR rejected (revoked before its expiry)."""
+        self._cache.drop(self._backend_key(smart, client_id, scope))
+
     # --- FHIR --------------------------------------------------------------------------------
     def read_resource(
         self, fhir_base_url: str, reference: str, *, access_token: str
@@ -375,6 +476,7 @@ class SmartClient:
         if not rtype.isalpha() or not rid:
             raise EhrError("Not a FHIR reference.")
         url = f"{fhir_base_url.rstrip('/')}/{rtype}/{quote(rid, safe='')}"
+        self._policy.check_url(url, "FHIR endpoint")
         try:
             response = self._http.get(
                 url,
@@ -383,12 +485,15 @@ class SmartClient:
                     "Accept": "application/fhir+json",
                 },
             )
-        except httpx.HTTPError:
-            raise EhrError("The EHR could not be reached for a FHIR read.") from None
+        except httpx.HTTPError as error:
+            raise self._failure(
+                "The EHR could not be reached for a FHIR read.", step="fhir-read", error=error
+            ) from None
         if response.status_code != 200:
-            raise EhrError(
-                f"The EHR answered {response.status_code} to a FHIR read.",
-                ehrStatus=response.status_code,
+            raise self._failure(
+                "The EHR did not answer a FHIR read.",
+                step="fhir-read",
+                status=response.status_code,
             )
         try:
             body = response.json()
@@ -410,7 +515,7 @@ class SmartClient:
                 cached = self._cache.get(key)
                 if cached is not None:
                     return cached  # type: ignore[no-any-return]
-            jwks = self._get_json(jwks_uri, "signing keys (JWKS)")
+            jwks = self._get_json(jwks_uri, "signing keys (JWKS)", "jwks")
             if not isinstance(jwks.get("keys"), list):
                 raise EhrError("The EHR's JWKS has no keys.")
             self._cache.put(key, jwks, self._jwks_ttl)
@@ -440,21 +545,34 @@ class SmartClient:
         id_token: str,
         *,
         client_id: str,
-        nonce: str | None = None,
+        nonce: str,
     ) -> dict[str, Any]:
-        """The id_token's claims, verified against the EHR's JWKS when it publishes one."""
+        """The id_token's claims, checked as OpenID Connect Core 3.1.3.7 asks: ``iss`` equals
+        the authorization server's ``issuer`` from discovery, ``aud`` contains ``client_id``,
+        ``exp`` present and not past, ``nonce`` present and equal to the one sent, never
+        ``alg: none``, and the signature verified against the EHR's JWKS whenever it publishes
+        one. (Without a JWKS the token is taken as received from the token endpoint over TLS,
+        which 3.1.3.7 item 6 allows; everything else is still checked.)"""
         import jwt
 
+        issuer = smart.issuer
+        if not issuer:
+            raise EhrError(
+                "The EHR's SMART configuration names no issuer, so its sign-in answer cannot "
+                "be verified.",
+                action="Ask the EHR vendor to publish 'issuer' in its "
+                ".well-known/smart-configuration.",
+            )
         try:
             header = jwt.get_unverified_header(id_token)
         except jwt.PyJWTError:
             raise EhrError("The EHR's id_token is not a valid JWT.") from None
         alg = header.get("alg")
-        issuer = smart.issuer
+        if alg not in _ID_TOKEN_ALGS:
+            raise EhrError("The EHR's id_token uses an unacceptable signature algorithm.")
+        required: Any = {"require": ["iss", "sub", "aud", "exp", "nonce"]}
         try:
             if smart.jwks_uri:
-                if alg not in _ID_TOKEN_ALGS:
-                    raise EhrError("The EHR's id_token uses an unacceptable signature algorithm.")
                 kid = header.get("kid")
                 key = self._signing_key(
                     smart.jwks_uri, kid if isinstance(kid, str) else None, str(alg)
@@ -466,34 +584,69 @@ class SmartClient:
                     audience=client_id,
                     issuer=issuer,
                     leeway=_CLOCK_LEEWAY,
-                    options={"require": ["iss", "sub", "aud", "exp"], "verify_iss": bool(issuer)},
+                    options=required,
                 )
             else:
-                # No JWKS published: the token came straight from the token endpoint over TLS,
-                # so its claims are taken as the EHR's statement; audience and times still apply.
+                unsigned: Any = {
+                    "verify_signature": False,
+                    "verify_aud": True,
+                    "verify_iss": True,
+                    "verify_exp": True,
+                    "verify_iat": True,
+                    **required,
+                }
                 claims = jwt.decode(
                     id_token,
-                    options={"verify_signature": False},
                     algorithms=_ID_TOKEN_ALGS,
+                    audience=client_id,
+                    issuer=issuer,
+                    leeway=_CLOCK_LEEWAY,
+                    options=unsigned,
                 )
-                now = time.time()
-                aud = claims.get("aud")
-                audiences = aud if isinstance(aud, list) else [aud]
-                if client_id not in audiences:
-                    raise EhrError("The EHR's id_token was issued to another client.")
-                exp = claims.get("exp")
-                if isinstance(exp, int | float) and exp + _CLOCK_LEEWAY < now:
-                    raise EhrError("The EHR's id_token has expired.")
-                if issuer and claims.get("iss") != issuer:
-                    raise EhrError("The EHR's id_token comes from another issuer.")
         except jwt.ExpiredSignatureError:
             raise EhrError("The EHR's id_token has expired.") from None
         except jwt.InvalidAudienceError:
             raise EhrError("The EHR's id_token was issued to another client.") from None
         except jwt.InvalidIssuerError:
             raise EhrError("The EHR's id_token comes from another issuer.") from None
+        except jwt.MissingRequiredClaimError as error:
+            if error.claim == "nonce":
+                raise EhrError(
+                    "The EHR's id_token does not belong to this sign-in (no nonce)."
+                ) from None
+            raise EhrError(f"The EHR's id_token has no '{error.claim}' claim.") from None
         except jwt.PyJWTError:
             raise EhrError("The EHR's id_token failed verification.") from None
-        if nonce is not None and claims.get("nonce") not in (None, nonce):
+        token_nonce = claims.get("nonce")
+        if not isinstance(token_nonce, str) or not hmac.compare_digest(token_nonce, nonce):
             raise EhrError("The EHR's id_token does not belong to this sign-in (nonce).")
         return claims
+
+
+def verify_response_issuer(returned: str | None, *, issuer: str | None, required: bool) -> None:
+    """RFC 9207 mix-up defence on an authorization response.
+
+    ``issuer`` is the authorization server's ``issuer`` from its discovery document, sealed into
+    the state when the request was sent (usually *not* the FHIR base URL: Epic's is
+    ``.../oauth2`` beside ``.../api/FHIR/R4``). A returned ``iss`` must equal it exactly (simple
+    string comparison, RFC 9207 section 2.4); it must be present when the server advertises
+    ``authorization_response_iss_parameter_supported``. ``AuthenticationError`` otherwise.
+    """
+    from connector_core.errors import AuthenticationError
+
+    restart = "Start again from the EHR. If it keeps happening, contact your administrator."
+    if returned is None or returned == "":
+        if required:
+            raise AuthenticationError(
+                "This sign-in answer does not say which server issued it, although the EHR "
+                "always does (RFC 9207): it may have been tampered with.",
+                action=restart,
+                reason="iss_missing",
+            )
+        return
+    if issuer is None or not hmac.compare_digest(returned.encode(), issuer.encode()):
+        raise AuthenticationError(
+            "This sign-in answer came from another server than the one the sign-in was sent to.",
+            action=restart,
+            reason="iss_mismatch",
+        )

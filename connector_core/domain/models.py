@@ -93,6 +93,9 @@ class TenantConfig(_Record):
     region: Region
     fhir_base_url: str
     approver_upn: str
+    # The approver's Entra object id, bound at their first sign-in as approver (tid is the
+    # config's tenant): the UPN only names them, and a UPN can be given to someone else.
+    approver_oid: str | None = None
     environment: Environment
     ehr_vendor: EhrVendor = EhrVendor.SMART
     smart_client_id: str | None = None
@@ -104,16 +107,33 @@ class TenantConfig(_Record):
     ehr_validated_by: str | None = None
     approved_at: datetime | None = None
     approved_by: str | None = None
+    # Hosts of the EHR's discovery endpoints (authorize, token, JWKS) that are not the FHIR
+    # base's host, recorded when the URL was checked: the allowance the approver approved.
+    ehr_endpoint_hosts: tuple[str, ...] = ()
     history: tuple[ConfigChange, ...] = ()
 
     def is_approver(self, upn: str | None) -> bool:
         return upn is not None and upn.casefold() == self.approver_upn.casefold()
+
+    def approver_matches(self, *, upn: str | None, oid: str | None) -> bool:
+        """The caller (same tenant) is this config's approver: by object id once bound, by UPN
+        until then (the first sign-in binds it, ``bind_approver``)."""
+        if self.approver_oid is not None:
+            return oid is not None and oid.lower() == self.approver_oid
+        return self.is_approver(upn)
+
+    def bind_approver(self, oid: str) -> TenantConfig:
+        if self.approver_oid is not None:
+            return self
+        return self.model_copy(update={"approver_oid": oid.lower()})
 
     def change(self, *, by: str, at: datetime, **updates: object) -> TenantConfig:
         """Apply an admin edit; any real change sends the config back for approval."""
         changed = tuple(sorted(k for k, v in updates.items() if getattr(self, k) != v))
         if not changed:
             return self
+        if "approver_upn" in changed:
+            updates = {**updates, "approver_oid": None}  # the new approver binds at sign-in
         return self.model_copy(
             update={
                 **updates,

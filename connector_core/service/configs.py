@@ -22,11 +22,12 @@ Rules enforced here:
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from connector_core.bootstrap import Container
@@ -39,6 +40,7 @@ from connector_core.domain.scopes import (
     PROVIDER_LAUNCH_SCOPES,
     scope_string,
 )
+from connector_core.domain.visit_keys import parse_reference
 from connector_core.errors import (
     AuthenticationError,
     ConcurrencyConflictError,
@@ -50,6 +52,9 @@ from connector_core.errors import (
     PreconditionRequiredError,
 )
 from connector_core.logs import get_logger, log_event
+
+if TYPE_CHECKING:
+    from connector_core.adapters.fhir_probe import ProbeReport
 from connector_core.service.portal_models import (
     BackendServices,
     Caller,
@@ -70,6 +75,7 @@ __all__ = [
     "config_view",
     "create_config",
     "delete_config",
+    "endpoint_allowance",
     "get_config",
     "http_etag",
     "list_configs",
@@ -81,6 +87,7 @@ EHR_SIGNIN_STATE_TTL = 600  # seconds: the sealed state of an EHR sign-in
 _STATE_PURPOSE = "ehr-signin-state"
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _OAUTH_ERROR_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PRACTITIONER_TYPES = ("Practitioner", "PractitionerRole")
 _log = get_logger("portal")
 
 
@@ -98,6 +105,14 @@ def authenticate(container: Container, authorization: str | None) -> Caller:
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("The Authorization header must be 'Bearer <access token>'.")
     claims = container.portal_tokens.validate(token.strip())
+    if not container.settings.tenant_may_onboard(str(claims["tid"])):
+        log_event(_log, "portal.tenant_not_allowed", level=logging.WARNING, tenant_id=claims["tid"])
+        raise PermissionDeniedError(
+            "This connector deployment does not serve your organization (its Microsoft Entra "
+            "tenant is not in CONNECTOR_ALLOWED_TENANTS).",
+            action="Ask the operator of this deployment to add your tenant id to "
+            "CONNECTOR_ALLOWED_TENANTS, or use your organization's own deployment.",
+        )
     upn = claims.get("preferred_username") or claims.get("upn")
     roles = claims.get("roles")
     oid = claims.get("oid")
@@ -120,7 +135,7 @@ def _require_admin(caller: Caller, doing: str) -> None:
 
 
 def _require_approver(caller: Caller, config: TenantConfig, doing: str) -> None:
-    if not config.is_approver(caller.upn):
+    if not config.approver_matches(upn=caller.upn, oid=caller.object_id):
         raise PermissionDeniedError(
             f"Only the approver named in this configuration can {doing}. An admin can change "
             "the approver (PUT /api/configs/{id})."
@@ -128,7 +143,11 @@ def _require_approver(caller: Caller, config: TenantConfig, doing: str) -> None:
 
 
 def _can_read(caller: Caller, config: TenantConfig) -> bool:
-    return caller.is_admin or caller.is_auditor or config.is_approver(caller.upn)
+    return (
+        caller.is_admin
+        or caller.is_auditor
+        or config.approver_matches(upn=caller.upn, oid=caller.object_id)
+    )
 
 
 # --- ETags ------------------------------------------------------------------------------------
@@ -186,7 +205,9 @@ def list_configs(container: Container, caller: Caller) -> list[Versioned[TenantC
     """Admins and auditors see every config of their tenant; others the ones they approve."""
     items = container.configs.list(caller.tenant_id)
     if not (caller.is_admin or caller.is_auditor):
-        items = [v for v in items if v.record.is_approver(caller.upn)]
+        items = [
+            v for v in items if v.record.approver_matches(upn=caller.upn, oid=caller.object_id)
+        ]
     return sorted(items, key=lambda v: (v.record.created_at, v.record.id))
 
 
@@ -220,6 +241,15 @@ def _ensure_unique(
         )
 
 
+def endpoint_allowance(report: ProbeReport) -> tuple[str, ...]:
+    """Hosts of the EHR's endpoints other than the FHIR base's own (its allowance)."""
+    from connector_core.adapters.ehr_http import describe_hosts
+
+    base = describe_hosts([report.fhir_base_url])
+    found = describe_hosts([report.authorization_endpoint, report.token_endpoint, report.jwks_uri])
+    return tuple(sorted(h for h in found if h not in base))
+
+
 def create_config(
     container: Container, caller: Caller, body: ConfigInput
 ) -> Versioned[TenantConfig]:
@@ -238,6 +268,7 @@ def create_config(
         environment=body.environment,
         ehr_vendor=body.ehr_vendor,
         smart_client_id=body.smart_client_id,
+        ehr_endpoint_hosts=endpoint_allowance(report),
         created_at=now,
         created_by=caller.actor,
         updated_at=now,
@@ -264,8 +295,10 @@ def update_config(
     url = probe.check_syntax(body.fhir_base_url)
     if url != record.fhir_base_url or body.environment != record.environment:
         _ensure_unique(container, caller.tenant_id, body.environment.value, url, own_id=record.id)
-    if url != record.fhir_base_url:
-        url = probe.probe(url).fhir_base_url
+    # Probed on every save: the EHR's endpoints as they are now become the allowance that the
+    # approver approves (a changed allowance is a change, back to pending approval).
+    report = probe.probe(url)
+    url = report.fhir_base_url
     approver = body.approver_upn
     if record.is_approver(approver):
         approver = record.approver_upn  # a change of letter case is no change
@@ -277,6 +310,7 @@ def update_config(
         environment=body.environment,
         ehr_vendor=body.ehr_vendor,
         smart_client_id=body.smart_client_id,
+        ehr_endpoint_hosts=endpoint_allowance(report),
     )
     if updated is record:
         return current
@@ -330,7 +364,21 @@ def start_ehr_signin(container: Container, caller: Caller, config_id: str) -> Eh
     current = _load(container, caller, config_id)
     config = current.record
     _require_approver(caller, config, "sign in to the EHR for it")
-    smart = container.smart.get_configuration(config.fhir_base_url)
+    if caller.object_id is None:
+        raise PermissionDeniedError(
+            "Your sign-in token has no object id (oid), which the approver is bound to.",
+            action="Sign in to the portal again with your work account.",
+        )
+    if config.approver_oid is None:
+        # The approver's first sign-in binds them (tid + oid): the UPN only named them.
+        bound = config.bind_approver(caller.object_id)
+        container.configs.update(bound, expected=current)
+        _forget_in_launch_cache(container, config.id)
+        log_event(_log, "config.approver_bound", config_id=config.id, tenant_id=caller.tenant_id)
+        config = bound
+    smart = container.smart.get_configuration(
+        config.fhir_base_url, allowed_hosts=config.ehr_endpoint_hosts
+    )
     verifier, challenge = new_pkce_pair()
     nonce = random_token(16)
     client_id = _client_id(container, config)
@@ -341,9 +389,13 @@ def start_ehr_signin(container: Container, caller: Caller, config_id: str) -> Eh
             "cid": config.id,
             "tid": config.tenant_id,
             "upn": caller.upn,
+            "oid": caller.object_id,
             "v": verifier,
             "n": nonce,
             "iss": config.fhir_base_url,
+            # The authorization server's issuer (RFC 9207), not the FHIR base URL.
+            "as": smart.issuer,
+            "asr": smart.authorization_response_iss_parameter_supported,
             "cl": client_id,
         },
         ttl_seconds=EHR_SIGNIN_STATE_TTL,
@@ -377,6 +429,11 @@ def _check_same_url(config: TenantConfig, payload: dict[str, Any]) -> None:
             "The configuration's FHIR base URL changed after this sign-in started.",
             action=_RESTART,
         )
+    if config.approver_oid is not None and config.approver_oid != str(payload.get("oid")).lower():
+        raise InvalidStateError(
+            "The configuration's approver changed after this sign-in started.",
+            action=_RESTART,
+        )
 
 
 def complete_ehr_signin(
@@ -385,6 +442,7 @@ def complete_ehr_signin(
     state: str | None,
     code: str | None,
     error: str | None,
+    iss: str | None = None,
 ) -> SigninCompleted:
     """Completes the approver's EHR sign-in and records it on the config."""
     if not state or len(state) > 4096:
@@ -396,6 +454,14 @@ def complete_ehr_signin(
             "This EHR sign-in request has expired or was not issued by this connector.",
             action=_RESTART,
         ) from None
+    from connector_core.adapters.smart import verify_response_issuer
+
+    issuer = payload.get("as")
+    verify_response_issuer(
+        iss,
+        issuer=str(issuer) if isinstance(issuer, str) else None,
+        required=payload.get("asr") is True,
+    )
     now = container.clock()
     try:
         container.nonces.consume(
@@ -426,7 +492,9 @@ def complete_ehr_signin(
             action="Check the configuration in the portal.",
         ) from None
     _check_same_url(current.record, payload)
-    smart = container.smart.get_configuration(str(payload["iss"]))
+    smart = container.smart.get_configuration(
+        str(payload["iss"]), allowed_hosts=current.record.ehr_endpoint_hosts
+    )
     tokens = container.smart.exchange_code(
         smart,
         client_id=str(payload["cl"]),
@@ -443,8 +511,14 @@ def complete_ehr_signin(
     claims: dict[str, Any] = container.smart.validate_id_token(
         smart, tokens.id_token, client_id=str(payload["cl"]), nonce=str(payload["n"])
     )
-    if not (claims.get("fhirUser") or claims.get("sub")):
-        raise InvalidStateError("The EHR's id_token names no user.", action=_RESTART)
+    if parse_reference(claims.get("fhirUser"), expected=_PRACTITIONER_TYPES) is None:
+        log_event(_log, "config.ehr_signin_not_practitioner", config_id=config_id)
+        raise PermissionDeniedError(
+            "The EHR account you signed in with is not a practitioner's (its fhirUser is not "
+            "a Practitioner or PractitionerRole), so it cannot prove access for the clinicians.",
+            action="Sign in to the EHR with your own staff account (not a patient or test "
+            "patient account), then try again from the configuration portal.",
+        )
     upn = str(payload["upn"])
     for attempt in (1, 2):
         try:

@@ -40,6 +40,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from connector_core.adapters.smart import verify_response_issuer
 from connector_core.crypto import new_pkce_pair, random_token
 from connector_core.domain.models import ConfigStatus, EhrUserMapping, TenantConfig, Visit
 from connector_core.domain.scopes import (
@@ -101,7 +102,6 @@ VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live particip
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
 VISIT_WAIT_SECONDS = 3.0  # a racing launch waits this long for the meeting creator's visit
-VISIT_RETENTION = timedelta(days=7)  # backstop purge; presence shortens it when the call ends
 _CONFIG_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PROVIDER_USER_TYPES = ("Practitioner", "PractitionerRole")
 _PATIENT_USER_TYPES = ("Patient", "RelatedPerson", "Person")
@@ -117,7 +117,8 @@ class LaunchRole(StrEnum):
 
 @dataclass(frozen=True)
 class SetCookie:
-    """A ``__Host-`` cookie to set (``max_age`` 0 deletes it). Secure, HttpOnly, Lax, Path=/."""
+    """A ``__Host-`` cookie to set (``max_age`` 0 deletes it): Path=/, Secure, HttpOnly and
+    SameSite=None, so launches also work inside an EHR's cross-site iframe."""
 
     name: str
     value: str
@@ -219,19 +220,36 @@ class _Cfg:
 
     id: str
     tenant_id: str
-    iss: str  # normalized FHIR base URL
+    iss: str  # normalized FHIR base URL (the launch's iss)
     client_id: str
+    endpoint_hosts: tuple[str, ...] = ()  # the config's approved allowance (ehr_http)
+    # The authorization server's issuer from discovery (RFC 9207: what a response's iss must
+    # equal; Epic's is .../oauth2, not the FHIR base) and whether it always sends iss.
+    as_issuer: str | None = None
+    as_iss_required: bool = False
 
-    def dump(self) -> dict[str, str]:
-        return {"id": self.id, "tid": self.tenant_id, "iss": self.iss, "cid": self.client_id}
+    def dump(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tid": self.tenant_id,
+            "iss": self.iss,
+            "cid": self.client_id,
+            "eh": list(self.endpoint_hosts),
+            "as": self.as_issuer,
+            "asr": self.as_iss_required,
+        }
 
     @classmethod
     def load(cls, data: Mapping[str, Any]) -> _Cfg:
+        issuer = data.get("as")
         return cls(
             id=str(data["id"]),
             tenant_id=str(data["tid"]),
             iss=str(data["iss"]),
             client_id=str(data["cid"]),
+            endpoint_hosts=tuple(str(h) for h in data.get("eh") or ()),
+            as_issuer=issuer if isinstance(issuer, str) else None,
+            as_iss_required=data.get("asr") is True,
         )
 
 
@@ -312,14 +330,24 @@ def start_launch(
             action="Ask your EHR analyst to check that the launch URL in the EHR belongs to this "
             "EHR environment (test or production).",
         )
-    smart = container.smart.get_configuration(config.fhir_base_url)
+    smart = container.smart.get_configuration(
+        config.fhir_base_url, allowed_hosts=config.ehr_endpoint_hosts
+    )
     if not smart.supports_s256():
         raise EhrError(
             "The EHR does not support PKCE with S256, which the connector requires.",
             action="Ask your EHR analyst to enable PKCE (S256) for the connector's client.",
         )
     client_id = config.smart_client_id or container.settings.smart_client_id
-    cfg = _Cfg(id=config.id, tenant_id=config.tenant_id, iss=issuer, client_id=client_id)
+    cfg = _Cfg(
+        id=config.id,
+        tenant_id=config.tenant_id,
+        iss=issuer,
+        client_id=client_id,
+        endpoint_hosts=config.ehr_endpoint_hosts,
+        as_issuer=smart.issuer,
+        as_iss_required=smart.authorization_response_iss_parameter_supported,
+    )
     verifier, challenge = new_pkce_pair()
     browser_secret = random_token(32)
     cookie_id = random_token(9)
@@ -392,13 +420,18 @@ def _open_state(
             action="Start the visit again from the EHR, in the same browser window, with "
             "cookies allowed.",
         )
-    returned_iss = query.get("iss")
     cfg = _Cfg.load(payload["cfg"])
-    if returned_iss and _normalize_iss(returned_iss) != cfg.iss:
-        raise AuthenticationError(
-            "This sign-in answer came from another issuer than the one the launch was sent to.",
-            action=_RESTART,
+    try:
+        verify_response_issuer(query.get("iss"), issuer=cfg.as_issuer, required=cfg.as_iss_required)
+    except AuthenticationError as error:
+        log_event(
+            _log,
+            "launch.iss_refused",
+            level=logging.WARNING,
+            config_id=cfg.id,
+            reason=error.extra.get("reason", "-"),
         )
+        raise
     try:
         container.nonces.consume(
             str(payload["sid"]),
@@ -433,7 +466,12 @@ def complete_launch(
     if not code:
         raise InvalidInputError("The EHR's answer has no authorization code.", action=_RESTART)
 
-    smart = container.smart.get_configuration(cfg.iss)
+    smart = container.smart.get_configuration(cfg.iss, allowed_hosts=cfg.endpoint_hosts)
+    if smart.issuer != cfg.as_issuer:
+        # Discovery changed between the launch and this answer: not the server we asked.
+        raise AuthenticationError(
+            "The EHR's sign-in server changed during this launch.", action=_RESTART
+        )
     tokens = container.smart.exchange_code(
         smart,
         client_id=cfg.client_id,
@@ -446,6 +484,7 @@ def complete_launch(
         claims = container.smart.validate_id_token(
             smart, tokens.id_token, client_id=cfg.client_id, nonce=str(payload["nonce"])
         )
+
     context = read_launch_context(
         patient=tokens.patient, encounter=tokens.encounter, fhir_context=tokens.fhir_context
     )
@@ -773,7 +812,7 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         sealed_context=pending.sealed_context,
         created_at=now,
         updated_at=now,
-        purge_after=now + VISIT_RETENTION,
+        purge_after=now + timedelta(days=container.settings.retention_days),
     )
     try:
         container.visits.create(visit)

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -61,6 +61,7 @@ from connector_core.errors import (
     ConflictError,
     ConnectorError,
     DependencyError,
+    EhrError,
     GraphError,
     InvalidInputError,
     NotFoundError,
@@ -611,9 +612,25 @@ def _perform(container: Container, visit: Visit, record: WritebackRecord, etag: 
             )
         writer = container.ehr_writer
         client_id = config.smart_client_id or container.settings.smart_client_id
-        token = writer.backend_token(
-            config.fhir_base_url, client_id=client_id, scope=scope_string(BACKEND_SERVICES_SCOPES)
-        )
+        token_args: dict[str, Any] = {
+            "client_id": client_id,
+            "scope": scope_string(BACKEND_SERVICES_SCOPES),
+            "allowed_hosts": config.ehr_endpoint_hosts,
+        }
+        token = writer.backend_token(config.fhir_base_url, **token_args)
+
+        def with_token(call: Callable[[str], None]) -> None:
+            nonlocal token
+            try:
+                call(token)
+            except EhrError as error:
+                if error.extra.get("reason") != "token_rejected":
+                    raise
+                # Revoked before its expiry: drop it and try once more with a fresh one.
+                log_event(_log, "presence.writeback.token_rejected", level=logging.WARNING)
+                token = writer.backend_token(config.fhir_base_url, fresh=True, **token_args)
+                call(token)
+
         connected = record.transition is TransitionKind.CONNECT
         epic = config.ehr_vendor is EhrVendor.EPIC
         if not record.audit_done:
@@ -626,7 +643,7 @@ def _perform(container: Container, visit: Visit, record: WritebackRecord, etag: 
                 writeback_key=record.key,
                 site=container.settings.region.value,
             )
-            writer.post_audit_event(config.fhir_base_url, resource, token=token)
+            with_token(lambda t: writer.post_audit_event(config.fhir_base_url, resource, token=t))
             record = record.model_copy(update={"audit_done": True, "updated_at": container.clock()})
             if epic:  # remember progress before the second call
                 etag = ledger.update(record, etag=etag)
@@ -640,13 +657,15 @@ def _perform(container: Container, visit: Visit, record: WritebackRecord, etag: 
             )
             conference = context.conference_id or context.appointment_id or context.encounter_id
             if external and conference:
-                writer.set_epic_connection_status(
-                    config.fhir_base_url,
-                    token=token,
-                    conference_id=conference,
-                    external_id=external,
-                    external_id_type="FHIR",
-                    connected=connected,
+                with_token(
+                    lambda t: writer.set_epic_connection_status(
+                        config.fhir_base_url,
+                        token=t,
+                        conference_id=conference,
+                        external_id=external,
+                        external_id_type="FHIR",
+                        connected=connected,
+                    )
                 )
             record = record.model_copy(update={"epic_done": True})
     except ConnectorError as error:

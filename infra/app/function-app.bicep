@@ -19,6 +19,9 @@ param entraApiAudience string = ''
 param entraAuthorityHost string = 'https://login.microsoftonline.com'
 param graphBaseUrl string = 'https://graph.microsoft.com'
 param smartClientId string = ''
+param allowedTenants string = ''
+param ehrPrivateTargets string = ''
+param retentionDays int = 7
 
 @allowed([
   512
@@ -174,6 +177,9 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     CONNECTOR_SECRET_KEY: '@Microsoft.KeyVault(${kvRef};SecretName=connector-secret-key)'
     CONNECTOR_DEV_MODE: '0'
     CONNECTOR_PORTAL_URL: portalUrl
+    CONNECTOR_ALLOWED_TENANTS: allowedTenants
+    CONNECTOR_EHR_PRIVATE_TARGETS: ehrPrivateTargets
+    CONNECTOR_RETENTION_DAYS: string(retentionDays)
     ENTRA_AUTHORITY_HOST: entraAuthorityHost
     ENTRA_CLIENT_ID: entraClientId
     ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(${kvRef};SecretName=entra-client-secret)'

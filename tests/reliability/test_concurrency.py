@@ -16,6 +16,7 @@ import html
 import re
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -165,10 +166,13 @@ RACERS = 12
 
 
 def _token(s: Stack, config: TenantConfig, *, admin: bool) -> str:
+    upn = "admin@x.example" if admin else config.approver_upn
     return s.sandbox.entra.mint_access_token(
         tid=config.tenant_id,
+        # One person, one object id: the approver is bound to it at their first EHR sign-in.
+        oid=str(uuid.uuid5(uuid.NAMESPACE_URL, upn)),
         roles=[ADMIN_ROLE] if admin else [],
-        preferred_username="admin@x.example" if admin else config.approver_upn,
+        preferred_username=upn,
     )
 
 

@@ -81,8 +81,11 @@ def test_ehr_token_endpoint_500_is_a_clear_page_and_a_new_launch_works(
 ) -> None:
     s = mapped
     s.sandbox.ehr.fail_next("token", status=500)
-    cid = _clear_page(_launch(s, config), 502, "code exchange", "(500, server_error)", "again")
-    assert f"correlation_id={cid}" in s.logs.text()  # the admin can find it in the log
+    response = _launch(s, config)
+    cid = _clear_page(response, 502, "code exchange", "(server_error)", "again")
+    assert "500" not in response.text  # the page names the step, not what the EHR answered
+    logged = [line for line in s.logs.lines if f"correlation_id={cid}" in line]
+    assert any("ehr.call_failed" in line and "status=500" in line for line in logged), logged
     assert _meeting_count(s, config) == 0
     landing = clinician_launch(s, s.browser(), config, SOLO, expect_signin=False)
     assert landing.meeting_id and _meeting_count(s, config) == 1
@@ -92,7 +95,7 @@ def test_ehr_token_endpoint_timeout_is_a_clear_page_and_a_new_launch_works(
     mapped: Stack, config: TenantConfig
 ) -> None:
     s = mapped
-    read_timeout = s.container().http.timeout.read
+    read_timeout = s.container().ehr_http.timeout.read  # every EHR call uses the guarded client
     assert read_timeout is not None and read_timeout <= 10.0
     # answers (normally) only after the connector stopped waiting
     s.sandbox.ehr.fail_next("token", status=200, delay=read_timeout + 0.5)

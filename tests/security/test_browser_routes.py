@@ -203,6 +203,7 @@ def test_a_real_state_with_an_error_uri_still_redirects_nowhere(
     state = parse_qs(urlsplit(start.headers["location"]).query)["state"][0]
     query = {
         "state": state,
+        "iss": stack.sandbox.ehr.issuer,  # RFC 9207: the EHR always sends it
         "error": "access_denied",
         "error_uri": f"https://{EVIL_HOST}/why",
         "error_description": f"see https://{EVIL_HOST}",

@@ -1,5 +1,7 @@
-"""The launch compares ``iss`` with the config's FHIR base URL in the same canonical form the
-portal stores it in (``fhir_probe.canonical_fhir_base_url``): one function for both.
+"""The launch compares the launch's ``iss`` with the config's FHIR base URL in the same canonical
+form the portal stores it in (``fhir_probe.canonical_fhir_base_url``): one function for both. The
+*authorization response's* ``iss`` (RFC 9207) is another thing: the authorization server's
+issuer, compared exactly.
 
 Before the fix the launch used its own normalisation that kept an explicit default port, so an
 EHR sending ``https://ehr.example:443/fhir/r4`` for a config stored as
@@ -12,7 +14,7 @@ import pytest
 from connector_core.adapters.fhir_probe import canonical_fhir_base_url
 from connector_core.adapters.smart import normalize_fhir_base
 from connector_core.errors import AuthenticationError, PermissionDeniedError
-from tests.unit.launch_fakes import FHIR, World, make_world, state_of
+from tests.unit.launch_fakes import AS_ISSUER, FHIR, World, make_world, state_of
 
 
 @pytest.fixture
@@ -51,13 +53,15 @@ def test_other_servers_and_non_base_urls_are_refused(world: World, iss: str) -> 
         world.start(iss=iss)
 
 
-def test_the_callbacks_iss_is_compared_the_same_way(world: World) -> None:
-    state = state_of(world.start())
+def test_the_callbacks_iss_is_the_authorization_servers_issuer_exactly(world: World) -> None:
+    """RFC 9207 section 2.4: the answer's ``iss`` is compared, as a plain string, with the
+    authorization server's ``issuer`` from discovery, not with the FHIR base URL (canonical
+    or not): an Epic-shaped EHR's issuer is ``.../oauth2`` beside ``.../fhir/r4``."""
     world.map_clinician()
-    assert world.callback(state, iss="https://EHR.example:443/fhir/r4/").redirect
-    state = state_of(world.start())
-    with pytest.raises(AuthenticationError, match="issuer"):
-        world.callback(state, iss="https://ehr.example:444/fhir/r4")
+    assert world.callback(state_of(world.start()), iss=AS_ISSUER).redirect
+    for wrong in (FHIR, "https://EHR.example:443/fhir/r4/", AS_ISSUER + "/", AS_ISSUER.upper()):
+        with pytest.raises(AuthenticationError, match="another server"):
+            world.callback(state_of(world.start()), iss=wrong)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,6 +26,7 @@ from connector_core.service.launch import LaunchResult, LaunchRole, complete_lau
 from tests.helpers import in_memory_container
 
 FHIR = "https://ehr.example/fhir/r4"
+AS_ISSUER = "https://ehr.example/oauth2"  # the authorization server, not the FHIR base
 TENANT = "3f8d2a6b-5c1e-4b7a-9e2d-7a41c0b8e915"
 ORGANIZER = "11111111-2222-3333-4444-555555555555"
 PRACTITIONER = "Practitioner/prac-secret-1"
@@ -48,12 +50,21 @@ class FakeSmart:
         self.exchange_error: ConnectorError | None = None
         self.appointment_practitioners = [PRACTITIONER]
         self.s256 = True
+        # Epic-shaped discovery: the authorization server's issuer is not the FHIR base URL,
+        # and it always sends iss on authorization responses (RFC 9207).
+        self.issuer: str | None = AS_ISSUER
+        self.iss_supported = True
+        self.allowed_hosts: tuple[str, ...] = ()
 
-    def get_configuration(self, fhir_base_url: str) -> SmartConfiguration:
+    def get_configuration(
+        self, fhir_base_url: str, *, allowed_hosts: Iterable[str] = ()
+    ) -> SmartConfiguration:
         self.discoveries += 1
+        self.allowed_hosts = tuple(allowed_hosts)
         return SmartConfiguration(
             fhir_base_url=fhir_base_url.rstrip("/"),
-            issuer=FHIR,
+            issuer=self.issuer,
+            authorization_response_iss_parameter_supported=self.iss_supported,
             authorization_endpoint="https://ehr.example/oauth2/authorize",
             token_endpoint="https://ehr.example/oauth2/token",
             jwks_uri="https://ehr.example/jwks",
@@ -76,7 +87,7 @@ class FakeSmart:
         )
 
     def validate_id_token(
-        self, smart: SmartConfiguration, id_token: str, *, client_id: str, nonce: str | None
+        self, smart: SmartConfiguration, id_token: str, *, client_id: str, nonce: str
     ) -> dict[str, Any]:
         return {"sub": "x", "fhirUser": self.fhir_user} if self.fhir_user else {"sub": "x"}
 
@@ -200,10 +211,15 @@ class World:
             )
         )
 
-    def callback(self, state: str, **query: str) -> LaunchResult:
+    def callback(self, state: str, **query: str | None) -> LaunchResult:
+        """The EHR's answer; by default as the EHR answers, with RFC 9207 ``iss`` (the
+        authorization server's issuer). A ``None`` value leaves that parameter out."""
+        sent = {"state": state, "code": "c", "iss": AS_ISSUER, **query}
         return self.apply(
             complete_launch(
-                self.container, query={"state": state, "code": "c", **query}, cookies=self.jar
+                self.container,
+                query={k: v for k, v in sent.items() if v is not None},
+                cookies=self.jar,
             )
         )
 

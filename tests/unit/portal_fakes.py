@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -26,6 +27,10 @@ AUDIENCE = f"api://{CLIENT_ID}"
 TENANT_A = "11111111-1111-4111-8111-111111111111"
 TENANT_B = "22222222-2222-4222-8222-222222222222"
 ADMIN_ROLE = "Connector.Admin"
+# The EHR's authorization server issuer (Epic-shaped: not the FHIR base URL). The EHR puts it on
+# every authorization response as ``iss`` (RFC 9207).
+EHR_AS_ISSUER = "https://fhir.example-health.test/oauth2"
+EHR_PRACTITIONER = "https://fhir.example-health.test/api/FHIR/R4/Practitioner/prac-1"
 
 
 class FakeEntra:
@@ -143,12 +148,14 @@ def _b64(obj: dict[str, Any]) -> str:
 
 
 class FakeProbe:
-    """FhirProbe stand-in: syntax via the real parser; per-URL failures on demand."""
+    """FhirProbe stand-in: syntax via the real parser; per-URL failures on demand; the EHR's
+    endpoints beside the FHIR base by default, or ``endpoints`` (authorize, token, JWKS)."""
 
     def __init__(self) -> None:
         self.dev_mode = True
         self.failures: dict[str, InvalidInputError] = {}
         self.probed: list[str] = []
+        self.endpoints: tuple[str, str, str | None] | None = None
 
     def check_syntax(self, raw: str) -> str:
         return _parse(raw, allow_http=True).url
@@ -158,12 +165,14 @@ class FakeProbe:
         self.probed.append(url)
         if url in self.failures:
             raise self.failures[url]
+        authorize, token, jwks = self.endpoints or (f"{url}/authorize", f"{url}/token", None)
         return ProbeReport(
             fhir_base_url=url,
             fhir_version="4.0.1",
-            authorization_endpoint=f"{url}/authorize",
-            token_endpoint=f"{url}/token",
+            authorization_endpoint=authorize,
+            token_endpoint=token,
             address="127.0.0.1",
+            jwks_uri=jwks,
         )
 
 
@@ -171,6 +180,8 @@ class FakeProbe:
 class FakeSmartConfiguration:
     fhir_base_url: str
     authorization_endpoint: str
+    issuer: str | None = EHR_AS_ISSUER
+    authorization_response_iss_parameter_supported: bool = True
 
 
 @dataclass
@@ -185,13 +196,23 @@ class FakeSmart:
 
     codes: dict[str, str] = field(default_factory=dict)  # code -> verifier's challenge
     last_authorize: dict[str, str] = field(default_factory=dict)
-    id_token_claims: dict[str, Any] = field(default_factory=lambda: {"sub": "u1"})
+    id_token_claims: dict[str, Any] = field(
+        default_factory=lambda: {"sub": "u1", "fhirUser": EHR_PRACTITIONER}
+    )
     down: bool = False
+    issuer: str | None = EHR_AS_ISSUER
+    iss_supported: bool = True
+    allowed_hosts: list[tuple[str, ...]] = field(default_factory=list)  # one entry per call
 
-    def get_configuration(self, fhir_base_url: str) -> FakeSmartConfiguration:
+    def get_configuration(
+        self, fhir_base_url: str, *, allowed_hosts: Iterable[str] = ()
+    ) -> FakeSmartConfiguration:
+        self.allowed_hosts.append(tuple(allowed_hosts))
         if self.down:
             raise EhrError("The EHR's SMART configuration could not be read; try again later.")
-        return FakeSmartConfiguration(fhir_base_url, f"{fhir_base_url}/authorize")
+        return FakeSmartConfiguration(
+            fhir_base_url, f"{fhir_base_url}/authorize", self.issuer, self.iss_supported
+        )
 
     def build_authorize_url(self, smart: FakeSmartConfiguration, **params: Any) -> str:
         self.last_authorize = {k: str(v) for k, v in params.items() if v is not None}
@@ -231,7 +252,7 @@ class FakeSmart:
         id_token: str,
         *,
         client_id: str,
-        nonce: str | None = None,
+        nonce: str,
     ) -> dict[str, Any]:
         if nonce != self.last_authorize.get("nonce"):
             raise EhrError("nonce mismatch")

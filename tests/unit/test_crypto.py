@@ -43,14 +43,18 @@ def test_keyed_hash_is_deterministic_keyed_and_unambiguous() -> None:
     a = Keyring(key).keyed_hash("visit", "cfg", "Appointment/1")
     assert a == Keyring(key).keyed_hash("visit", "cfg", "Appointment/1")
     assert a != Keyring(os.urandom(32)).keyed_hash("visit", "cfg", "Appointment/1")
-    assert Keyring(key).keyed_hash("visit", "ab", "c") != Keyring(key).keyed_hash("visit", "a", "bc")
+    assert Keyring(key).keyed_hash("visit", "ab", "c") != Keyring(key).keyed_hash(
+        "visit", "a", "bc"
+    )
     assert Keyring(key).keyed_hash("user", "cfg", "Appointment/1") != a
     assert len(a) == 32
 
 
 def test_pkce_pair_is_s256() -> None:
     verifier, challenge = new_pkce_pair()
-    expected = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    expected = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
     assert challenge == expected
     assert 43 <= len(verifier) <= 128
     assert random_token() != random_token()

@@ -30,6 +30,7 @@ from connector_core.service.launch import (
 from connector_core.service.subscriptions import client_state_of
 from tests.unit.launch_fakes import (
     APPOINTMENT_ID,
+    AS_ISSUER,
     FHIR,
     ORGANIZER,
     PRACTITIONER,
@@ -159,8 +160,93 @@ def test_replayed_state_is_refused(world: World) -> None:
 
 def test_answer_from_another_issuer_is_refused(world: World) -> None:
     state = state_of(world.start())
-    with pytest.raises(AuthenticationError, match="issuer"):
+    with pytest.raises(AuthenticationError, match="another server") as caught:
         world.callback(state, iss="https://evil.example/fhir")
+    assert caught.value.extra["reason"] == "iss_mismatch"
+    assert world.smart.exchanges == []
+
+
+# --- callback: RFC 9207 issuer (the authorization server's, not the FHIR base URL) -------------
+
+
+def test_answer_with_the_fhir_base_as_iss_is_refused(world: World) -> None:
+    # Epic's issuer is .../oauth2 beside .../api/FHIR/R4: the FHIR base is not the issuer.
+    state = state_of(world.start())
+    with pytest.raises(AuthenticationError) as caught:
+        world.callback(state, iss=FHIR)
+    assert caught.value.http_status == 401
+    assert caught.value.extra["reason"] == "iss_mismatch"
+    assert world.smart.exchanges == []
+
+
+def test_answer_without_iss_is_refused_when_the_server_always_sends_it(world: World) -> None:
+    state = state_of(world.start())
+    with pytest.raises(AuthenticationError) as caught:
+        world.callback(state, iss=None)
+    assert caught.value.extra["reason"] == "iss_missing"
+    assert world.smart.exchanges == []
+
+
+def test_answer_with_the_authorization_servers_issuer_is_accepted(world: World) -> None:
+    world.map_clinician()
+    result = world.callback(state_of(world.start()), iss=AS_ISSUER)
+    assert result.redirect and result.redirect.startswith("https://teams.example/")
+    assert len(world.smart.exchanges) == 1
+
+
+def test_answer_without_iss_is_accepted_when_the_server_does_not_send_it(world: World) -> None:
+    world.map_clinician()
+    world.smart.iss_supported = False
+    state = state_of(world.start())
+    assert world.callback(state, iss=None).redirect
+    # but an iss it does send must still be the issuer
+    with pytest.raises(AuthenticationError, match="another server"):
+        world.callback(state_of(world.start()), iss=FHIR)
+
+
+def test_state_sealed_with_the_issuer_at_launch_time(world: World) -> None:
+    # A server that starts advertising iss support after the launch was sent cannot make a
+    # missing iss fail; the issuer the launch was sent to is what the answer is checked against.
+    state = state_of(world.start())
+    world.smart.issuer = "https://ehr.example/oauth2-moved"
+    with pytest.raises(AuthenticationError, match="another server"):
+        world.callback(state, iss="https://ehr.example/oauth2-moved")
+
+
+def test_discovery_issuer_changed_since_the_launch_is_refused(world: World) -> None:
+    world.map_clinician()
+    state = state_of(world.start())
+    world.smart.issuer = "https://ehr.example/oauth2-moved"
+    with pytest.raises(AuthenticationError, match="changed during this launch"):
+        world.callback(state, iss=AS_ISSUER)
+    assert world.smart.exchanges == []
+
+
+@pytest.mark.parametrize("iss", [FHIR, None], ids=["fhir-base", "missing"])
+def test_ehr_error_answers_need_the_issuer_too(world: World, iss: str | None) -> None:
+    state = state_of(world.start())
+    with pytest.raises(AuthenticationError):
+        world.callback(state, code=None, error="access_denied", iss=iss)
+
+
+def test_ehr_error_answer_with_the_issuer_is_the_ehrs_error(world: World) -> None:
+    state = state_of(world.start())
+    with pytest.raises(PermissionDeniedError, match="access denied"):
+        world.callback(state, code=None, error="access_denied", iss=AS_ISSUER)
+
+
+def test_launch_uses_the_configs_endpoint_allowance(world: World) -> None:
+    world.map_clinician()
+    allowance = ("auth.vendor-cloud.example.net",)
+    current = world.container.configs.get(TENANT, world.config.id)
+    world.container.configs.update(
+        current.record.model_copy(update={"ehr_endpoint_hosts": allowance}), expected=current
+    )
+    state = state_of(world.start())
+    assert world.smart.allowed_hosts == allowance
+    world.smart.allowed_hosts = ("-",)  # forget what the start passed
+    assert world.callback(state).redirect
+    assert world.smart.allowed_hosts == allowance  # the callback re-checks with the same one
 
 
 def test_ehr_access_denied_is_a_clear_error(world: World) -> None:

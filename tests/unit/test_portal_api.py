@@ -21,6 +21,8 @@ from functions import portal
 from tests.helpers import in_memory_container
 from tests.unit.portal_fakes import (
     AUTHORITY,
+    EHR_AS_ISSUER,
+    TENANT_A,
     TENANT_B,
     FakeEntra,
     FakeProbe,
@@ -113,6 +115,7 @@ class Portal:
         )
 
     def callback(self, params: dict[str, str]) -> func.HttpResponse:
+        """The EHR's answer exactly as given (see ``answer`` for one as the EHR sends it)."""
         return self.call(
             portal.portal_ehr_signin_callback,
             "GET",
@@ -131,15 +134,32 @@ class Portal:
             **kw,
         )
 
-    def sign_in(self, config_id: str) -> func.HttpResponse:
-        started = self.start_signin(config_id)
+    def answer(self, state: str, **params: str | None) -> func.HttpResponse:
+        """The EHR's answer as the EHR sends it: a fresh code and RFC 9207 ``iss`` (the
+        authorization server's issuer). A ``None`` value leaves that parameter out."""
+        sent: dict[str, str | None] = {
+            "code": self.smart.issue_code(),
+            "state": state,
+            "iss": EHR_AS_ISSUER,
+            **params,
+        }
+        return self.callback({k: v for k, v in sent.items() if v is not None})
+
+    def sign_in(self, config_id: str, **kw: Any) -> func.HttpResponse:
+        return self.answer(self.signin_state(config_id, **kw))
+
+    def signin_state(self, config_id: str, **kw: Any) -> str:
+        started = self.start_signin(config_id, **kw)
         assert started.status_code == 200, started.get_body()
-        state = parse_qs(urlsplit(json_of(started)["authorizeUrl"]).query)["state"][0]
-        return self.callback({"code": self.smart.issue_code(), "state": state})
+        return state_of(started)
 
 
 def json_of(response: func.HttpResponse) -> Any:
     return json.loads(response.get_body())
+
+
+def state_of(started: func.HttpResponse) -> str:
+    return str(parse_qs(urlsplit(json_of(started)["authorizeUrl"]).query)["state"][0])
 
 
 @pytest.fixture
@@ -152,6 +172,11 @@ def api() -> Iterator[Portal]:
     set_container(container)
     yield Portal(container, entra)
     reset_container()
+
+
+def json_of_etag(api: Portal, config_id: str) -> str:
+    """The config's current ETag (an admin's GET)."""
+    return str(api.get(config_id).headers["ETag"])
 
 
 def created_id(api: Portal, **kw: Any) -> str:
@@ -477,11 +502,11 @@ def test_full_flow_signin_approve_records(api: Portal) -> None:
 
 def test_signin_state_is_single_use(api: Portal) -> None:
     config_id = created_id(api)
-    started = api.start_signin(config_id)
-    state = parse_qs(urlsplit(json_of(started)["authorizeUrl"]).query)["state"][0]
+    state = api.signin_state(config_id)
     code = api.smart.issue_code()
-    assert api.callback({"code": code, "state": state}).status_code == 200
-    replay = api.callback({"code": code, "state": state})
+    answer = {"code": code, "state": state, "iss": EHR_AS_ISSUER}
+    assert api.callback(answer).status_code == 200
+    replay = api.callback(answer)
     assert replay.status_code == 409 and replay.mimetype == "text/html"
     assert "only once" in replay.get_body().decode()
 
@@ -502,9 +527,8 @@ def test_callback_errors_are_html_pages(api: Portal, params: dict[str, str], sta
 
 def test_callback_with_ehr_error_is_refused(api: Portal) -> None:
     config_id = created_id(api)
-    started = api.start_signin(config_id)
-    state = parse_qs(urlsplit(json_of(started)["authorizeUrl"]).query)["state"][0]
-    response = api.callback({"error": "access_denied", "state": state})
+    state = api.signin_state(config_id)
+    response = api.answer(state, code=None, error="access_denied")
     assert response.status_code == 403
     assert "access_denied" in response.get_body().decode()
     assert json_of(api.get(config_id))["ehrValidatedAt"] is None
@@ -559,16 +583,258 @@ def test_signin_when_the_ehr_is_down_is_502(api: Portal) -> None:
 def test_approver_change_invalidates_pending_signin(api: Portal) -> None:
     created = api.create()
     config_id = json_of(created)["id"]
-    started = api.start_signin(config_id)
-    state = parse_qs(urlsplit(json_of(started)["authorizeUrl"]).query)["state"][0]
-    api.put(
+    state = api.signin_state(config_id)
+    changed = api.put(
         config_id,
         _edit(approver="other@contoso.example"),
-        headers={"If-Match": created.headers["ETag"]},
+        headers={"If-Match": json_of_etag(api, config_id)},
     )
-    response = api.callback({"code": api.smart.issue_code(), "state": state})
+    assert changed.status_code == 200
+    response = api.answer(state)
     assert response.status_code == 409
     assert json_of(api.get(config_id))["ehrValidatedAt"] is None
+
+
+# --- approver bound by Entra object id ---------------------------------------------------------
+
+
+def _oid(upn: str, tid: str = TENANT_A) -> str:
+    """The object id FakeEntra gives ``upn`` by default."""
+    import uuid
+
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tid}/{upn}"))
+
+
+def _stored(api: Portal, config_id: str) -> Any:
+    return api.container.configs.get(TENANT_A, config_id).record
+
+
+IMPOSTOR_OID = "99999999-9999-4999-8999-999999999999"
+
+
+def test_first_ehr_signin_binds_the_approver_by_object_id(api: Portal) -> None:
+    config_id = created_id(api)
+    assert _stored(api, config_id).approver_oid is None
+    state = api.signin_state(config_id)
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+    # Someone else who later holds the same UPN (a reassigned name) is not the approver.
+    impostor = api.entra.token(upn=APPROVER, roles=(), extra={"oid": IMPOSTOR_OID})
+    assert api.get(config_id, token=impostor).status_code == 403
+    assert api.start_signin(config_id, token=impostor).status_code == 403
+    assert api.approve(config_id, token=impostor).status_code == 403
+    listed = api.call(portal.portal_configs, "GET", "configs", token=impostor)
+    assert json_of(listed) == []
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+    # The bound approver goes on as before.
+    assert api.answer(state).status_code == 200
+    assert api.approve(config_id).status_code == 200
+
+
+def test_impostor_cannot_complete_a_signin_started_before_a_rebinding(api: Portal) -> None:
+    config_id = created_id(api)
+    impostor = api.entra.token(upn=APPROVER, roles=(), extra={"oid": IMPOSTOR_OID})
+    state = api.signin_state(config_id, token=impostor)  # binds the impostor's oid first...
+    api.put(config_id, _edit(approver="other@contoso.example"), headers={"If-Match": "*"})
+    api.put(config_id, _edit(), headers={"If-Match": "*"})  # ...the admin resets the binding
+    api.signin_state(config_id)  # the real approver binds now
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+    response = api.answer(state)  # the impostor's pending sign-in no longer counts
+    assert response.status_code == 409 and response.mimetype == "text/html"
+    assert _stored(api, config_id).ehr_validated_at is None
+
+
+def test_changing_the_approver_resets_the_binding(api: Portal) -> None:
+    config_id = created_id(api)
+    api.signin_state(config_id)
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+    other = "other@contoso.example"
+    changed = api.put(config_id, _edit(approver=other), headers={"If-Match": "*"})
+    assert changed.status_code == 200
+    assert _stored(api, config_id).approver_oid is None
+    assert api.start_signin(config_id).status_code == 403  # no longer the approver
+    api.signin_state(config_id, as_user=other)
+    assert _stored(api, config_id).approver_oid == _oid(other)
+    # Naming the first approver again binds whoever signs in next under that name.
+    api.put(config_id, _edit(), headers={"If-Match": "*"})
+    assert _stored(api, config_id).approver_oid is None
+    newcomer = api.entra.token(upn=APPROVER, roles=(), extra={"oid": IMPOSTOR_OID})
+    api.signin_state(config_id, token=newcomer)
+    assert _stored(api, config_id).approver_oid == IMPOSTOR_OID
+    assert api.get(config_id, as_user=APPROVER).status_code == 403
+
+
+def test_letter_case_of_the_approver_is_no_change_and_keeps_the_binding(api: Portal) -> None:
+    config_id = created_id(api)
+    api.signin_state(config_id)
+    api.put(config_id, _edit(approver=APPROVER.upper()), headers={"If-Match": "*"})
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+
+
+def test_signin_needs_an_object_id_in_the_token(api: Portal) -> None:
+    config_id = created_id(api)
+    no_oid = api.entra.token(upn=APPROVER, roles=(), extra={"oid": None})
+    response = api.start_signin(config_id, token=no_oid)
+    assert response.status_code == 403
+    assert "object id" in json_of(response)["detail"]
+    assert _stored(api, config_id).approver_oid is None
+
+
+# --- EHR sign-in: a practitioner, and the RFC 9207 issuer --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "u1", "fhirUser": "https://fhir.example-health.test/api/FHIR/R4/Patient/p1"},
+        {"sub": "u1", "fhirUser": "RelatedPerson/r1"},
+        {"sub": "u1", "fhirUser": "not a reference"},
+        {"sub": "u1"},
+    ],
+    ids=["patient", "related-person", "garbage", "no-fhirUser"],
+)
+def test_ehr_signin_by_a_non_practitioner_is_refused(api: Portal, claims: dict[str, str]) -> None:
+    config_id = created_id(api)
+    api.smart.id_token_claims = claims
+    response = api.sign_in(config_id)
+    assert response.status_code == 403 and response.mimetype == "text/html"
+    page = response.get_body().decode()
+    assert "not a practitioner" in page and "staff account" in page
+    assert json_of(api.get(config_id))["ehrValidatedAt"] is None
+
+
+def test_ehr_signin_as_practitioner_role_counts(api: Portal) -> None:
+    config_id = created_id(api)
+    api.smart.id_token_claims = {"sub": "u1", "fhirUser": "PractitionerRole/pr1"}
+    assert api.sign_in(config_id).status_code == 200
+    assert json_of(api.get(config_id))["ehrValidatedBy"] == APPROVER
+
+
+@pytest.mark.parametrize(
+    ("iss", "text"),
+    [
+        (None, "does not say which server"),
+        ("", "does not say which server"),
+        (FHIR, "another server"),  # the FHIR base URL is not the authorization server
+        ("https://evil.example/oauth2", "another server"),
+        (EHR_AS_ISSUER + "/", "another server"),
+    ],
+    ids=["missing", "empty", "fhir-base", "other-server", "trailing-slash"],
+)
+def test_ehr_signin_answer_must_carry_the_issuer(api: Portal, iss: str | None, text: str) -> None:
+    config_id = created_id(api)
+    state = api.signin_state(config_id)
+    response = api.answer(state, iss=iss)
+    assert response.status_code == 401 and response.mimetype == "text/html"
+    assert text in response.get_body().decode()
+    assert json_of(api.get(config_id))["ehrValidatedAt"] is None
+    assert api.answer(state).status_code == 200  # refused before the state was used up
+
+
+def test_ehr_error_answer_with_a_mixed_up_issuer_is_401(api: Portal) -> None:
+    config_id = created_id(api)
+    state = api.signin_state(config_id)
+    response = api.answer(state, code=None, error="access_denied", iss=FHIR)
+    assert response.status_code == 401
+
+
+def test_issuer_may_be_missing_when_the_ehr_does_not_send_it(api: Portal) -> None:
+    config_id = created_id(api)
+    api.smart.iss_supported = False
+    state = api.signin_state(config_id)
+    assert api.answer(state, iss=FHIR).status_code == 401  # present: must still match
+    assert api.answer(state, iss=None).status_code == 200
+
+
+def test_issuer_is_the_one_sealed_when_the_signin_started(api: Portal) -> None:
+    config_id = created_id(api)
+    state = api.signin_state(config_id)
+    api.smart.issuer = "https://elsewhere.example/oauth2"
+    assert api.answer(state, iss="https://elsewhere.example/oauth2").status_code == 401
+
+
+# --- CONNECTOR_ALLOWED_TENANTS ----------------------------------------------------------------
+
+
+def _allow_tenants(api: Portal, value: str | None) -> None:
+    from tests.helpers import make_settings
+
+    api.container.settings = make_settings(
+        ENTRA_AUTHORITY_HOST=AUTHORITY, CONNECTOR_ALLOWED_TENANTS=value
+    )
+
+
+def test_listed_tenant_may_use_the_portal(api: Portal) -> None:
+    _allow_tenants(api, f"{TENANT_A.upper()}, 33333333-3333-4333-8333-333333333333")
+    config_id = created_id(api)
+    assert api.get(config_id).status_code == 200
+
+
+def test_unlisted_tenant_is_403_with_a_clear_message(api: Portal) -> None:
+    _allow_tenants(api, TENANT_A)
+    other_admin = api.entra.token(tid=TENANT_B, upn="admin@fabrikam.example")
+    for response in (
+        api.create(token=other_admin),
+        api.call(portal.portal_configs, "GET", "configs", token=other_admin),
+    ):
+        assert response.status_code == 403
+        assert response.mimetype == "application/problem+json"
+        problem = json_of(response)
+        assert "does not serve your organization" in problem["detail"]
+        assert "CONNECTOR_ALLOWED_TENANTS" in problem["detail"]
+        assert problem["action"] and problem["correlationId"]
+    assert api.container.configs.list(TENANT_B) == []
+
+
+def test_empty_tenant_list_serves_any_tenant(api: Portal) -> None:
+    _allow_tenants(api, None)
+    other_admin = api.entra.token(tid=TENANT_B, upn="admin@fabrikam.example")
+    assert api.create(token=other_admin).status_code == 201
+    _allow_tenants(api, "")
+    assert api.create(token=other_admin, env="production").status_code == 201
+
+
+def test_tenant_check_comes_after_token_validation(api: Portal) -> None:
+    _allow_tenants(api, TENANT_A)
+    forged = api.entra.token(tid=TENANT_B, upn="admin@fabrikam.example", lifetime=-3600)
+    assert api.create(token=forged).status_code == 401
+
+
+# --- the EHR's endpoints: the allowance recorded on the config ---------------------------------
+
+VENDOR_AUTHORIZE = "https://auth.vendor-cloud.example.net/oauth2/authorize"
+VENDOR_JWKS = "https://keys.vendor-cloud.example.net/jwks"
+
+
+def test_create_records_endpoint_hosts_other_than_the_fhir_base(api: Portal) -> None:
+    api.probe.endpoints = (VENDOR_AUTHORIZE, f"{FHIR}/oauth2/token", VENDOR_JWKS)
+    config_id = created_id(api)
+    hosts = ("auth.vendor-cloud.example.net", "keys.vendor-cloud.example.net")
+    assert _stored(api, config_id).ehr_endpoint_hosts == hosts
+    # the EHR sign-in checks discovery against that allowance, start and callback
+    assert api.sign_in(config_id).status_code == 200
+    assert api.smart.allowed_hosts == [hosts, hosts]
+
+
+def test_create_with_endpoints_beside_the_fhir_base_records_none(api: Portal) -> None:
+    config_id = created_id(api)
+    assert _stored(api, config_id).ehr_endpoint_hosts == ()
+
+
+def test_update_probes_again_and_a_new_allowance_needs_a_new_approval(api: Portal) -> None:
+    config_id = created_id(api)
+    api.sign_in(config_id)
+    approved = api.approve(config_id)
+    assert json_of(approved)["status"] == "approved"
+    same = api.put(config_id, _edit(), headers={"If-Match": approved.headers["ETag"]})
+    assert same.status_code == 200 and same.headers["ETag"] == approved.headers["ETag"]
+    assert api.probe.probed == [FHIR, FHIR]  # probed although the URL did not change
+    api.probe.endpoints = (VENDOR_AUTHORIZE, f"{FHIR}/token", None)
+    moved = api.put(config_id, _edit(), headers={"If-Match": same.headers["ETag"]})
+    assert moved.status_code == 200
+    body = json_of(moved)
+    assert body["status"] == "pending_approval"
+    assert body["history"][-1]["fields"] == ["ehr_endpoint_hosts"]
+    assert _stored(api, config_id).ehr_endpoint_hosts == ("auth.vendor-cloud.example.net",)
 
 
 # --- OpenAPI ------------------------------------------------------------------------------------
@@ -613,3 +879,12 @@ def test_changed_or_deleted_configs_leave_the_launch_cache(api: Portal) -> None:
     api.put(config_id, _edit(env="production"), headers={"If-Match": created.headers["ETag"]})
     api.delete(config_id)
     assert forgotten == [config_id, config_id]
+
+
+def test_object_id_letter_case_does_not_break_the_binding(api: Portal) -> None:
+    config_id = created_id(api)
+    upper = api.entra.token(upn=APPROVER, roles=(), extra={"oid": _oid(APPROVER).upper()})
+    state = api.signin_state(config_id, token=upper)
+    assert _stored(api, config_id).approver_oid == _oid(APPROVER)
+    assert api.answer(state).status_code == 200
+    assert api.approve(config_id).status_code == 200  # the same user, lower-case oid

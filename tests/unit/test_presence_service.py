@@ -63,22 +63,37 @@ T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)
 
 
 class FakeWriter:
-    """Stands in for EhrWriter: records what would reach the EHR; can be made to fail."""
+    """Stands in for EhrWriter: records what would reach the EHR; can be made to fail, or to
+    reject the token it was given (as a revoked token is: 401, ``reason="token_rejected"``)."""
 
     def __init__(self) -> None:
         self.audit_events: list[dict[str, Any]] = []
         self.epic_calls: list[dict[str, Any]] = []
         self.tokens: list[tuple[str, str, str]] = []
+        self.token_options: list[dict[str, Any]] = []  # allowed_hosts, fresh, per token fetch
+        self.used_tokens: list[str] = []  # the token each EHR call carried
         self.fail_audit = 0  # fail the next N AuditEvent posts
         self.fail_epic = 0
+        self.reject_audit = 0  # refuse the token of the next N AuditEvent posts
+        self.reject_epic = 0
         self.lock = threading.Lock()
 
-    def backend_token(self, fhir_base_url: str, *, client_id: str, scope: str) -> str:
+    def backend_token(
+        self, fhir_base_url: str, *, client_id: str, scope: str, **options: Any
+    ) -> str:
         self.tokens.append((fhir_base_url, client_id, scope))
-        return "token"
+        self.token_options.append(options)
+        return f"token-{len(self.tokens)}"
+
+    def _rejected(self) -> EhrError:
+        return EhrError("The EHR answered 401 to the call.", ehrStatus=401, reason="token_rejected")
 
     def post_audit_event(self, fhir_base_url: str, resource: dict[str, Any], *, token: str) -> None:
         with self.lock:
+            self.used_tokens.append(token)
+            if self.reject_audit:
+                self.reject_audit -= 1
+                raise self._rejected()
             if self.fail_audit:
                 self.fail_audit -= 1
                 raise EhrError("The EHR answered 503 to the AuditEvent.", ehrStatus=503)
@@ -86,6 +101,10 @@ class FakeWriter:
 
     def set_epic_connection_status(self, fhir_base_url: str, **kw: Any) -> None:
         with self.lock:
+            self.used_tokens.append(kw["token"])
+            if self.reject_epic:
+                self.reject_epic -= 1
+                raise self._rejected()
             if self.fail_epic:
                 self.fail_epic -= 1
                 raise EhrError("The EHR answered 500 to the Epic connection status.")
@@ -577,6 +596,68 @@ def test_epic_vendor_also_sets_connection_status_once() -> None:
     assert {(c["external_id"], c["conference_id"]) for c in calls} == {("pat-42", "appt-9")}
     # The AuditEvent that succeeded before the Epic failure was not repeated.
     assert len(writer(container).audit_events) == 2
+
+
+def test_rejected_token_is_replaced_once_at_once(container: Container) -> None:
+    w = writer(container)
+    w.reject_audit = 1  # revoked before its expiry
+    accept_notifications(
+        container, {"value": [item(container, roster_event(1, joined=[guest("p")]))]}
+    )
+    assert drain(container) == 1  # no queue retry: the second try was immediate
+    assert len(w.audit_events) == 1
+    assert [o.get("fresh", False) for o in w.token_options] == [False, True]
+    assert w.used_tokens == ["token-1", "token-2"]  # the fresh token carried the retry
+    (record,) = container.writebacks.list_for_visit(VISIT_KEY)
+    assert record.record.status is WritebackStatus.DONE and record.record.attempts == 1
+
+
+def test_token_fetch_passes_the_configs_endpoint_allowance(container: Container) -> None:
+    current = container.configs.get(TENANT, "cfg-1")
+    allowance = ("auth.vendor-cloud.example.net",)
+    container.configs.update(
+        current.record.model_copy(update={"ehr_endpoint_hosts": allowance}), expected=current
+    )
+    writer(container).reject_audit = 1
+    deliver(container, roster_event(1, joined=[guest("p")]))
+    assert [o["allowed_hosts"] for o in writer(container).token_options] == [allowance] * 2
+
+
+def test_second_token_rejection_fails_normally(container: Container) -> None:
+    w = writer(container)
+    w.reject_audit = 2
+    accept_notifications(
+        container, {"value": [item(container, roster_event(1, joined=[guest("p")]))]}
+    )
+    queue = container.queue
+    assert isinstance(queue, InMemoryMessageQueue)
+    process_message(container, queue.queues[PRESENCE_QUEUE].popleft())
+    assert w.audit_events == []
+    assert [o.get("fresh", False) for o in w.token_options] == [False, True]  # one retry only
+    assert len(w.used_tokens) == 2
+    (record,) = container.writebacks.list_for_visit(VISIT_KEY)
+    assert record.record.status is WritebackStatus.PENDING
+    assert len(queue.queues[PRESENCE_QUEUE]) == 1  # back through the queue, as any failure
+    drain(container)
+    assert len(w.audit_events) == 1
+
+
+def test_other_ehr_failures_do_not_fetch_a_fresh_token(container: Container) -> None:
+    w = writer(container)
+    w.fail_audit = 1
+    deliver(container, roster_event(1, joined=[guest("p")]))
+    assert len(w.audit_events) == 1
+    assert not any(o.get("fresh") for o in w.token_options)
+
+
+def test_rejected_token_on_the_epic_call_is_replaced_too() -> None:
+    container = make_container(vendor=EhrVendor.EPIC)
+    w = writer(container)
+    w.reject_epic = 1
+    deliver(container, roster_event(1, joined=[guest("p-pat")]))
+    assert len(w.audit_events) == 1 and len(w.epic_calls) == 1
+    assert [o.get("fresh", False) for o in w.token_options] == [False, True]
+    assert w.epic_calls[0]["token"] == "token-2"
 
 
 def test_visit_gone_drops_the_event(container: Container) -> None:

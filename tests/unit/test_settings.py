@@ -75,3 +75,63 @@ def test_microsoft_authority_keeps_instance_discovery() -> None:
     )
     assert settings.entra_authority_host == "https://login.microsoftonline.com"
     assert settings.entra_instance_discovery is True
+
+
+TENANT_1 = "3f8d2a6b-5c1e-4b7a-9e2d-7a41c0b8e915"
+TENANT_2 = "85045508-f5bd-405e-a553-52700f86e29c"
+
+
+def test_allowed_tenants_are_read_as_lower_case_guids() -> None:
+    settings = Settings.from_environ(
+        make_environ(CONNECTOR_ALLOWED_TENANTS=f" {TENANT_1.upper()} ,{TENANT_2},, ")
+    )
+    assert settings.allowed_tenants == frozenset({TENANT_1, TENANT_2})
+    assert settings.tenant_may_onboard(TENANT_1)
+    assert settings.tenant_may_onboard(TENANT_2.upper())
+    assert not settings.tenant_may_onboard("22222222-2222-4222-8222-222222222222")
+
+
+def test_no_allowed_tenants_means_any_tenant() -> None:
+    for value in (None, "", " , "):
+        settings = Settings.from_environ(make_environ(CONNECTOR_ALLOWED_TENANTS=value))
+        assert settings.allowed_tenants == frozenset()
+        assert settings.tenant_may_onboard(TENANT_1)
+
+
+@pytest.mark.parametrize(
+    "value", [f"{TENANT_1},contoso.onmicrosoft.com", "not-a-guid", f"{TENANT_1};{TENANT_2}"]
+)
+def test_allowed_tenants_must_be_guids(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environ(make_environ(CONNECTOR_ALLOWED_TENANTS=value))
+    assert caught.value.setting == "CONNECTOR_ALLOWED_TENANTS"
+    assert "CONNECTOR_ALLOWED_TENANTS" in str(caught.value)
+
+
+def test_ehr_private_targets_are_checked_at_startup() -> None:
+    settings = Settings.from_environ(
+        make_environ(CONNECTOR_EHR_PRIVATE_TARGETS="10.0.0.5:8443,[fd00::1]:443")
+    )
+    assert settings.ehr_private_targets == "10.0.0.5:8443,[fd00::1]:443"
+
+
+@pytest.mark.parametrize("value", ["ehr.internal:443", "10.0.0.5:99999", "[fd00::1"])
+def test_bad_ehr_private_target_names_the_setting(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environ(make_environ(CONNECTOR_EHR_PRIVATE_TARGETS=f"10.0.0.5,{value}"))
+    assert caught.value.setting == "CONNECTOR_EHR_PRIVATE_TARGETS"
+    assert "CONNECTOR_EHR_PRIVATE_TARGETS" in str(caught.value)
+    assert value in str(caught.value)
+
+
+def test_container_builds_the_ehr_policy_from_the_settings() -> None:
+    from tests.helpers import in_memory_container
+
+    container = in_memory_container(
+        CONNECTOR_DEV_MODE=None, CONNECTOR_EHR_PRIVATE_TARGETS="10.0.0.5:8443"
+    )
+    policy = container.ehr_policy
+    assert policy.dev_mode is False
+    assert policy.refusal("10.0.0.5", 8443) is None
+    assert policy.refusal("10.0.0.5", 443) is not None
+    assert container.smart._policy is policy  # the SMART client checks with the same policy
