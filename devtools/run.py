@@ -1,7 +1,9 @@
 """``make run``: Azurite + the sandbox (EHR, Entra ID, Graph/Teams) + the connector, as a live demo.
 
-Prints the sandbox EHR page to open (click "Start virtual visit" as clinician or patient), the
-connector URL and a portal token for trying the configuration API. Ctrl-C stops everything.
+Seeds one approved connector config per sandbox EHR profile (default SMART, Epic, Oracle Health)
+and prints the sandbox EHR page to open (click "Start virtual visit" as clinician or patient in
+any profile's table), the connector URL and a portal token for trying the configuration API.
+Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ def _connector_env(
     }
 
 
-def _seed_config(fhir_base: str, tenant_id: str, approver: str) -> str:
-    """An approved config for the sandbox EHR, so the demo's launch buttons work at once."""
+def _seed_config(fhir_base: str, tenant_id: str, approver: str, vendor: str) -> str:
+    """An approved config for a sandbox EHR profile, so the demo's launch buttons work at once."""
     from connector_core.bootstrap import get_container
-    from connector_core.domain.models import Environment
+    from connector_core.domain.models import EhrVendor, Environment
     from devtools.seed_config import add_approved_config
 
     container = get_container()
@@ -50,6 +52,7 @@ def _seed_config(fhir_base: str, tenant_id: str, approver: str) -> str:
         container,
         tenant_id=tenant_id,
         fhir_base_url=fhir_base,
+        vendor=EhrVendor(vendor),
         approver=approver,
         created_by="make-run-seed",
     )
@@ -91,15 +94,25 @@ def main(argv: list[str] | None = None) -> int:
             users = sandbox.entra.users_in(tenant.tid)
             approver = next((u.upn for u in users if u.kind == "approver"), users[0].upn)
             admin = next((u.upn for u in users if u.kind == "admin"), users[0].upn)
-            config_id = _seed_config(sandbox.fhir_base, tenant.tid, approver)
-            sandbox.ehr.default_config_id = config_id
+            profiles = []
+            for profile in sandbox.ehr.profiles:  # default, epic, oracle: one config each
+                profile.config_id = _seed_config(
+                    profile.fhir_base, tenant.tid, approver, profile.vendor
+                )
+                profiles.append(
+                    f"    {profile.name:<8} {profile.label}  (ehrVendor {profile.vendor})\n"
+                    f"             config {profile.config_id}\n"
+                    f"             FHIR base {profile.fhir_base}\n"
+                    f"             issuer    {profile.issuer}\n"
+                )
             token = sandbox.entra.mint_user_token(admin)
             print(
                 "\n"
                 "  EHR virtual-visit connector: local demo\n"
                 f'  Open the sandbox EHR and click "Start virtual visit":  {sandbox.ehr_url}/\n'
                 f"  Connector:      {public_url}/api/health\n"
-                f"  Config id:      {config_id} (approved, tenant {tenant.name})\n"
+                f"  Sandbox EHR profiles (approved configs, tenant {tenant.name}):\n"
+                f"{''.join(profiles)}"
                 f"  Entra (HTTPS):  {sandbox.entra_url}   Graph/Teams: {sandbox.graph_url}\n"
                 '  Portal API:     curl -H "Authorization: Bearer $TOKEN" '
                 f"{public_url}/api/configs\n"

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         entra_port=args.entra_port,
         graph_port=args.graph_port,
     ) as sandbox:
-        print(f"EHR (SMART on FHIR)  {sandbox.ehr_url}   FHIR base {sandbox.fhir_base}")
+        print(f"EHR (SMART on FHIR)  {sandbox.ehr_url}   (appointments page: {sandbox.ehr_url}/)")
+        for profile in sandbox.ehr.profiles:
+            print(f"  {profile.name:<8} FHIR base {profile.fhir_base}")
+            print(f"           issuer    {profile.issuer}")
         print(f"Entra ID (HTTPS)     {sandbox.entra_url}")
         print(f"Graph / Teams        {sandbox.graph_url}")
         print(f"CA certificate       {sandbox.tls.ca_cert}")

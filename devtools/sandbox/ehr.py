@@ -1,27 +1,53 @@
-"""Sandbox SMART EHR: a strict, local stand-in for Epic or any SMART on FHIR EHR.
+"""Sandbox SMART EHR: a strict, local stand-in for Epic, Oracle Health or any SMART on FHIR EHR.
 
 Implements what the connector relies on (see DESIGN.md): SMART App Launch 2.x discovery, EHR and
 standalone launch with PKCE (S256 only), ``private_key_jwt`` client authentication (RS384/ES384,
 ``jti`` replay refused), SMART Backend Services (client credentials), FHIR R4 reads, ``POST
 AuditEvent`` and Epic's ``SetExternalConnectionStatus``. Fault injection (``fail_next``,
-``set_down``) and inspection lists (``audit_events``, ``epic_status_calls``) serve the tests; a
-small page at ``/`` lists today's appointments with "Start virtual visit" buttons for a demo.
+``set_down``) and inspection lists (``audit_events``, ``epic_status_calls``, ``token_requests``)
+serve the tests; a page at ``/`` lists today's appointments per profile with "Start virtual visit"
+buttons for a demo.
 
-URL layout (``base`` = the server's base URL, ``fhir_base`` = ``{base}/fhir/r4``)::
+It behaves like real EHRs wherever a client can get them wrong: the OAuth ``issuer`` is never the
+FHIR base URL, every authorization response (code and error redirects) carries RFC 9207 ``iss``,
+id_tokens carry ``iss`` (the issuer), ``aud``, ``exp``, ``iat``, the request's ``nonce`` and an
+absolute ``fhirUser``, and launch context arrives in the token response.
 
-    GET  {base}/                                   today's appointments (?config=<id>)
-    GET  {fhir_base}/.well-known/smart-configuration
-    GET  {fhir_base}/.well-known/openid-configuration
-    GET  {fhir_base}/.well-known/jwks.json         the EHR's id_token signing key
-    GET  {fhir_base}/metadata                      CapabilityStatement (4.0.1)
-    GET  {fhir_base}/{Patient|Practitioner|Appointment|Encounter|AuditEvent}/{id}
-    POST {fhir_base}/AuditEvent
+Three profiles, path-prefixed routes of the one server (``base`` = the server's base URL,
+``http://127.0.0.1:PORT``; get one with ``ehr.profile(name)``; ``T`` = :data:`ORACLE_TENANT_ID`)::
+
+    default  FHIR base {base}/fhir/r4               issuer {base}/oauth2
+             launch context: patient, encounter, fhirContext [Appointment (+ conference id)]
+    epic     FHIR base {base}/epic/api/FHIR/R4      issuer {base}/epic/oauth2
+             launch context: patient, encounter, fhirContext [Appointment, Encounter]; a
+             group visit's launch URL carries sessionId=<conference id>
+    oracle   FHIR base {base}/oracle/r4/T           issuer http://localhost:PORT/oracle/tenants/T/oidc/idsp/
+             (Oracle Health / Cerner Millennium: the authorization server is on its own host,
+             ``localhost`` instead of ``127.0.0.1``); launch context: patient, encounter only
+
+URL layout per profile (``fhir`` = its FHIR base, ``auth`` = its authorization server's origin)::
+
+    GET  {fhir}/.well-known/smart-configuration
+    GET  {fhir}/.well-known/openid-configuration           (default and epic, as Epic does)
+    GET  {issuer}/.well-known/openid-configuration          (trailing "/" of the issuer dropped)
+    GET  {fhir}/metadata                                     CapabilityStatement (4.0.1)
+    GET  {fhir}/{Patient|Practitioner|Appointment|Encounter|AuditEvent}/{id}
+    POST {fhir}/AuditEvent
+    GET  authorize (EHR launch -> 302; standalone -> sign-in page), GET signin, POST token,
+         GET jwks: see ``EhrProfile.authorization_endpoint`` / ``token_endpoint`` / ``jwks_uri``
+    POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus       default
+    POST {base}/epic/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus  epic
+
+and, shared::
+
+    GET  {base}/                                   today's appointments (?config=, ?config_epic=,
+                                                   ?config_oracle=: connector config ids)
+    GET  {base}/fhir/r4/.well-known/jwks.json      the default profile's key (older location)
     GET  {base}/fhir/dstu2/metadata (+ /.well-known/smart-configuration)   a DSTU2 server
     GET  {base}/fhir/no-pkce/metadata (+ smart-configuration advertising only "plain" PKCE)
-    GET  {base}/oauth2/authorize                   EHR launch -> 302; standalone -> sign-in page
-    GET  {base}/oauth2/signin?req=..&user=..       the sign-in page's links (or &deny=1)
-    POST {base}/oauth2/token
-    POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus
+
+Launches, codes and tokens belong to the profile that issued them: another profile's authorize,
+token, FHIR or Epic endpoint refuses them, as another EHR would.
 """
 
 from __future__ import annotations
@@ -36,10 +62,10 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import httpx
 import jwt
@@ -54,9 +80,20 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from devtools.sandbox import seed
 
-__all__ = ["ENDPOINTS", "LaunchContext", "SandboxEhr", "find_signin_link"]
+__all__ = [
+    "ENDPOINTS",
+    "ORACLE_TENANT_ID",
+    "PROFILE_NAMES",
+    "EhrProfile",
+    "LaunchContext",
+    "ProfileName",
+    "SandboxEhr",
+    "find_signin_link",
+]
 
 UserKind = Literal["clinician", "patient"]
+ProfileName = Literal["default", "epic", "oracle"]
+PROFILE_NAMES: tuple[ProfileName, ...] = ("default", "epic", "oracle")
 ENDPOINTS = frozenset(
     {"token", "authorize", "fhir", "auditevent", "epic", "backend-token", "discovery"}
 )
@@ -76,6 +113,9 @@ EPIC_STATUS_PATH = "/api/epic/2018/Telehealth/ContextLinking/SetExternalConnecti
 # Confirmed from Epic integrations: ConferenceID, ExternalID, ExternalIDType, VendorName and
 # ConnectionStatus. VendorName is accepted but not required.
 EPIC_REQUIRED_PARAMS = ("ConferenceID", "ExternalID", "ExternalIDType", "ConnectionStatus")
+# A made-up Millennium tenant (Oracle Health URLs are scoped by a tenant GUID).
+ORACLE_TENANT_ID = "6f1c9e2a-4b7d-4e38-9a05-d2c81b3e7f94"
+_ORACLE_OAUTH = f"/oracle/tenants/{ORACLE_TENANT_ID}/protocols/oauth2/profiles/smart-v1"
 _PKCE_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _PKCE_VERIFIER_RE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _SCOPE_RE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)$")
@@ -97,8 +137,76 @@ def find_signin_link(page_html: str, user_id: str | None = None, *, deny: bool =
 
 
 @dataclass(frozen=True)
+class _ProfileSpec:
+    """Where a profile's endpoints live and how it passes launch context."""
+
+    name: ProfileName
+    label: str
+    vendor: str  # the connector config's ``ehrVendor`` for an EHR like this one
+    fhir_path: str
+    issuer_path: str  # on the authorization server's origin
+    authorize_path: str
+    signin_path: str
+    token_path: str
+    jwks_path: str
+    epic_status_path: str | None
+    separate_auth_host: bool  # the authorization server answers on another host name
+    openid_configuration_at_fhir_base: bool
+    context: Literal["appointment", "epic", "encounter"]
+
+
+_SPECS: dict[ProfileName, _ProfileSpec] = {
+    "default": _ProfileSpec(
+        name="default",
+        label="Generic SMART on FHIR EHR",
+        vendor="smart",
+        fhir_path="/fhir/r4",
+        issuer_path="/oauth2",
+        authorize_path="/oauth2/authorize",
+        signin_path="/oauth2/signin",
+        token_path="/oauth2/token",
+        jwks_path="/oauth2/jwks",
+        epic_status_path=EPIC_STATUS_PATH,
+        separate_auth_host=False,
+        openid_configuration_at_fhir_base=True,
+        context="appointment",
+    ),
+    "epic": _ProfileSpec(
+        name="epic",
+        label="Epic",
+        vendor="epic",
+        fhir_path="/epic/api/FHIR/R4",
+        issuer_path="/epic/oauth2",
+        authorize_path="/epic/oauth2/authorize",
+        signin_path="/epic/oauth2/signin",
+        token_path="/epic/oauth2/token",
+        jwks_path="/epic/api/epic/2019/Security/Open/PublicKeys/530005/OIDC",
+        epic_status_path="/epic" + EPIC_STATUS_PATH,
+        separate_auth_host=False,
+        openid_configuration_at_fhir_base=True,
+        context="epic",
+    ),
+    "oracle": _ProfileSpec(
+        name="oracle",
+        label="Oracle Health (Millennium)",
+        vendor="oracle",
+        fhir_path=f"/oracle/r4/{ORACLE_TENANT_ID}",
+        issuer_path=f"/oracle/tenants/{ORACLE_TENANT_ID}/oidc/idsp/",
+        authorize_path=f"{_ORACLE_OAUTH}/personas/provider/authorize",
+        signin_path=f"{_ORACLE_OAUTH}/personas/provider/signin",
+        token_path=f"{_ORACLE_OAUTH}/token",
+        jwks_path="/oracle/jwk",
+        epic_status_path=None,
+        separate_auth_host=True,
+        openid_configuration_at_fhir_base=False,
+        context="encounter",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class LaunchContext:
-    """What a launch token stands for: who clicked, in which visit."""
+    """What a launch token stands for: who clicked, in which visit, at which EHR profile."""
 
     user: UserKind
     fhir_user: str  # relative reference, "Practitioner/x" or "Patient/y"
@@ -108,6 +216,7 @@ class LaunchContext:
     conference_id: str | None
     deny: bool
     expires_at: float
+    profile: ProfileName = "default"
 
 
 @dataclass
@@ -119,6 +228,7 @@ class _Fault:
 
 @dataclass
 class _AuthCode:
+    profile: ProfileName
     client_id: str
     redirect_uri: str
     code_challenge: str
@@ -133,6 +243,7 @@ class _AuthCode:
 
 @dataclass
 class _AccessToken:
+    profile: ProfileName
     kind: Literal["user", "system"]
     client_id: str
     scopes: frozenset[str]
@@ -143,6 +254,7 @@ class _AccessToken:
 
 @dataclass
 class _PendingSignin:
+    profile: ProfileName
     client_id: str
     redirect_uri: str
     state: str
@@ -180,20 +292,33 @@ class _DownGuard:
         await self.app(scope, receive, send)
 
 
-_LAUNCH_BUTTONS: tuple[tuple[UserKind, str], ...] = (
-    ("clinician", "Start virtual visit (clinician — Hyperspace)"),
-    ("patient", "Start virtual visit (patient — MyChart)"),
-)
+_LAUNCH_BUTTONS: dict[ProfileName, tuple[tuple[UserKind, str], ...]] = {
+    "default": (
+        ("clinician", "Start virtual visit (clinician)"),
+        ("patient", "Start virtual visit (patient portal)"),
+    ),
+    "epic": (
+        ("clinician", "Start virtual visit (clinician — Hyperspace)"),
+        ("patient", "Start virtual visit (patient — MyChart)"),
+    ),
+    "oracle": (
+        ("clinician", "Start virtual visit (clinician — PowerChart)"),
+        ("patient", "Start virtual visit (patient — HealtheLife)"),
+    ),
+}
 _KEY_LOCK = threading.Lock()
-_SIGNING_KEYS: list[rsa.RSAPrivateKey] = []
+_SIGNING_KEYS: dict[str, rsa.RSAPrivateKey] = {}
 
 
-def _signing_key() -> rsa.RSAPrivateKey:
-    """The EHR's id_token signing key: generated once per process (RSA generation is slow)."""
+def _signing_key(name: str) -> rsa.RSAPrivateKey:
+    """A profile's id_token signing key: generated once per process (RSA generation is slow).
+    Each profile has its own, as separate EHRs do."""
     with _KEY_LOCK:
-        if not _SIGNING_KEYS:
-            _SIGNING_KEYS.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-        return _SIGNING_KEYS[0]
+        key = _SIGNING_KEYS.get(name)
+        if key is None:
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            _SIGNING_KEYS[name] = key
+        return key
 
 
 def _b64url_sha256(value: str) -> str:
@@ -224,9 +349,11 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:0;background:#f4f6f8;color:#1d2733}
 header{background:#7a1f3d;color:#fff;padding:.6rem 1.2rem;font-weight:600}
 main{padding:1rem 1.5rem;max-width:72rem}
+section.profile{margin:1.5rem 0}
 table{border-collapse:collapse;width:100%;background:#fff}
 th,td{border-bottom:1px solid #d8dee4;padding:.5rem .6rem;text-align:left;vertical-align:top}
 th{background:#eef1f4}
+form label{display:inline-block;margin:0 1rem .4rem 0}
 a.launch,a.user,a.deny,button{display:inline-block;margin:.15rem 0;padding:.35rem .7rem;
 border-radius:4px;text-decoration:none;border:0;font-size:.9rem;cursor:pointer}
 a.launch[data-role=clinician]{background:#1f5f99;color:#fff}
@@ -238,8 +365,205 @@ a.deny{background:#a33;color:#fff}
 """
 
 
+def _other_loopback_host(origin: str) -> str:
+    """``origin`` with its host name swapped: ``127.0.0.1`` <-> ``localhost`` (same port)."""
+    parts = urlsplit(origin)
+    host = "127.0.0.1" if (parts.hostname or "").lower() == "localhost" else "localhost"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}"
+
+
+class EhrProfile:
+    """One EHR the sandbox stands for (``default``, ``epic`` or ``oracle``): its URLs, launch
+    helpers and its own inspection lists. Get one with :meth:`SandboxEhr.profile`."""
+
+    def __init__(self, ehr: SandboxEhr, spec: _ProfileSpec) -> None:
+        self._ehr = ehr
+        self._spec = spec
+        self.name: ProfileName = spec.name
+        self.label = spec.label
+        self.vendor = spec.vendor
+        # The connector config whose launch URLs the EHR page's buttons open (None: no buttons).
+        self.config_id: str | None = None
+        # What reached this profile (also in the SandboxEhr-wide lists of the same names).
+        self.audit_events: list[dict[str, Any]] = []
+        self.epic_status_calls: list[dict[str, Any]] = []
+        self.token_requests: list[dict[str, str]] = []
+        self._key = _signing_key(spec.name)
+        public_jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
+        self._kid = _b64url_sha256(public_jwk["n"])[:16]
+        public_jwk.update({"kid": self._kid, "use": "sig", "alg": "RS256"})
+        self._public_jwk = public_jwk
+
+    def __repr__(self) -> str:
+        return f"<EhrProfile {self.name}>"
+
+    # --- URLs -------------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The sandbox server's base URL (the FHIR server's origin)."""
+        return self._ehr.base_url
+
+    @property
+    def auth_base_url(self) -> str:
+        """The authorization server's origin: the FHIR server's, or (oracle) its own host."""
+        if self._spec.separate_auth_host:
+            return _other_loopback_host(self.base_url)
+        return self.base_url
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.base_url}{self._spec.fhir_path}"
+
+    @property
+    def issuer(self) -> str:
+        """The OAuth/OpenID issuer: never the FHIR base (as at real EHRs)."""
+        return f"{self.auth_base_url}{self._spec.issuer_path}"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self.auth_base_url}{self._spec.authorize_path}"
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.auth_base_url}{self._spec.token_path}"
+
+    @property
+    def signin_endpoint(self) -> str:
+        """Where the standalone sign-in page's links go."""
+        return f"{self.auth_base_url}{self._spec.signin_path}"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.auth_base_url}{self._spec.jwks_path}"
+
+    @property
+    def smart_configuration_url(self) -> str:
+        return f"{self.fhir_base}/.well-known/smart-configuration"
+
+    @property
+    def openid_configuration_url(self) -> str:
+        """OpenID Connect Discovery's location for :attr:`issuer`."""
+        return f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
+
+    @property
+    def epic_status_url(self) -> str | None:
+        """Epic's SetExternalConnectionStatus (None for a profile without it: oracle)."""
+        path = self._spec.epic_status_path
+        return f"{self.base_url}{path}" if path else None
+
+    @property
+    def fhir_host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def auth_host(self) -> str:
+        return urlsplit(self.auth_base_url).hostname or ""
+
+    @property
+    def public_jwks(self) -> dict[str, Any]:
+        return {"keys": [dict(self._public_jwk)]}
+
+    # --- launches ---------------------------------------------------------------------------------
+
+    def appointments(self) -> list[seed.SeedAppointment]:
+        """Today's appointments this EHR can launch, by start time (oracle: those with an
+        encounter, since its launch context names the encounter only)."""
+        ordered = sorted(seed.APPOINTMENTS.values(), key=lambda a: (a.start(), a.id))
+        if self._spec.context == "encounter":
+            return [a for a in ordered if a.encounter_id]
+        return ordered
+
+    def make_launch(
+        self,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None = None,
+        conference_id: str | None = None,
+        deny: bool = False,
+    ) -> str:
+        """A launch token (what the EHR puts in ``launch=``) for that visit and user."""
+        token, _ = self._ehr._new_launch(
+            self,
+            appointment_id=appointment_id,
+            user=user,
+            practitioner_id=practitioner_id,
+            conference_id=conference_id,
+            deny=deny,
+        )
+        return token
+
+    def launch_url(
+        self,
+        config_id: str,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None = None,
+        conference_id: str | None = None,
+        deny: bool = False,
+    ) -> str:
+        """The connector's launch URL this EHR opens for that visit and user: ``iss`` (the FHIR
+        base) and ``launch``; epic adds ``sessionId=<conference id>`` for a group visit, as
+        Epic's group-visit integration record does (``%CONFERENCEID%``)."""
+        token, ctx = self._ehr._new_launch(
+            self,
+            appointment_id=appointment_id,
+            user=user,
+            practitioner_id=practitioner_id,
+            conference_id=conference_id,
+            deny=deny,
+        )
+        kind = "provider" if user == "clinician" else "patient"
+        params = {"iss": self.fhir_base, "launch": token}
+        if self._spec.context == "epic" and ctx.conference_id:
+            params["sessionId"] = ctx.conference_id
+        connector = self._ehr.connector_url
+        return f"{connector}/api/launch/{kind}/{quote(config_id, safe='')}?{urlencode(params)}"
+
+    # --- internals --------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> _ProfileSpec:
+        return self._spec
+
+    def _sign(self, claims: dict[str, Any]) -> str:
+        return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self._kid})
+
+    def _serves_host(self, host: str | None, where: Literal["fhir", "auth"]) -> bool:
+        """Oracle's FHIR server and authorization server are separate hosts: each answers only
+        on its own host name."""
+        if not self._spec.separate_auth_host:
+            return True
+        expected = self.fhir_host if where == "fhir" else self.auth_host
+        return (host or "").lower() == expected.lower()
+
+    def _fhir_context(self, ctx: LaunchContext) -> list[dict[str, Any]]:
+        if self._spec.context == "encounter":
+            return []
+        items: list[dict[str, Any]] = [{"reference": f"Appointment/{ctx.appointment_id}"}]
+        if self._spec.context == "epic":
+            if ctx.encounter_id:
+                items.append({"reference": f"Encounter/{ctx.encounter_id}"})
+            return items
+        if ctx.conference_id:
+            items.append(
+                {"identifier": {"system": seed.CONFERENCE_ID_SYSTEM, "value": ctx.conference_id}}
+            )
+        return items
+
+
+Handler = Callable[[Request, EhrProfile], Awaitable[Response]]
+
+
 class SandboxEhr:
-    """A strict SMART on FHIR EHR served as a Starlette app (see the module docstring)."""
+    """A strict SMART on FHIR EHR served as a Starlette app (see the module docstring).
+
+    The properties without a profile (``fhir_base``, ``issuer``, ``authorization_endpoint``,
+    ``make_launch``, ``launch_url`` ...) are the ``default`` profile's.
+    """
 
     def __init__(
         self,
@@ -257,11 +581,11 @@ class SandboxEhr:
             f"{self.connector_url}/api/ehr-signin/callback",
             *extra_redirect_uris,
         ]
-        self.default_config_id: str | None = None
         # Refuse public (client_id only) token requests, like an EHR that registered the
         # connector as a confidential asymmetric client only.
         self.require_client_assertion = False
         self.clock: Callable[[], float] = time.time
+        # Every profile's calls (each profile also keeps its own lists).
         self.audit_events: list[dict[str, Any]] = []
         self.epic_status_calls: list[dict[str, Any]] = []
         # (grant_type, auth method "private_key_jwt" or "none") per successful token request
@@ -277,15 +601,34 @@ class SandboxEhr:
         self._signins: dict[str, _PendingSignin] = {}
         self._jtis: dict[str, float] = {}
         self._jwks_cache: tuple[float, dict[str, Any]] | None = None
-        self._audit_by_id: dict[str, dict[str, Any]] = {}
-
-        self._key = _signing_key()
-        public_jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(self._key.public_key()))
-        self._kid = _b64url_sha256(public_jwk["n"])[:16]
-        public_jwk.update({"kid": self._kid, "use": "sig", "alg": "RS256"})
-        self._public_jwk = public_jwk
+        self._audit_by_id: dict[str, tuple[ProfileName, dict[str, Any]]] = {}
+        self._profiles: dict[ProfileName, EhrProfile] = {
+            name: EhrProfile(self, _SPECS[name]) for name in PROFILE_NAMES
+        }
 
         self.app = Starlette(routes=self._routes(), middleware=[Middleware(_DownGuard, ehr=self)])
+
+    # --- profiles -------------------------------------------------------------------------------
+
+    def profile(self, name: str = "default") -> EhrProfile:
+        """The profile ``default``, ``epic`` or ``oracle``."""
+        for key, profile in self._profiles.items():
+            if key == name:
+                return profile
+        raise ValueError(f"profile must be one of {', '.join(PROFILE_NAMES)}")
+
+    @property
+    def profiles(self) -> tuple[EhrProfile, ...]:
+        return tuple(self._profiles.values())
+
+    @property
+    def default_config_id(self) -> str | None:
+        """The default profile's ``config_id`` (the page's launch buttons)."""
+        return self._profiles["default"].config_id
+
+    @default_config_id.setter
+    def default_config_id(self, value: str | None) -> None:
+        self._profiles["default"].config_id = value
 
     # --- configuration and test controls --------------------------------------------------------
 
@@ -300,7 +643,11 @@ class SandboxEhr:
 
     @property
     def fhir_base(self) -> str:
-        return f"{self.base_url}/fhir/r4"
+        return self._profiles["default"].fhir_base
+
+    @property
+    def issuer(self) -> str:
+        return self._profiles["default"].issuer
 
     @property
     def dstu2_base(self) -> str:
@@ -312,15 +659,15 @@ class SandboxEhr:
 
     @property
     def authorization_endpoint(self) -> str:
-        return f"{self.base_url}/oauth2/authorize"
+        return self._profiles["default"].authorization_endpoint
 
     @property
     def token_endpoint(self) -> str:
-        return f"{self.base_url}/oauth2/token"
+        return self._profiles["default"].token_endpoint
 
     @property
     def jwks_uri(self) -> str:
-        return f"{self.fhir_base}/.well-known/jwks.json"
+        return self._profiles["default"].jwks_uri
 
     @property
     def epic_status_url(self) -> str:
@@ -328,7 +675,7 @@ class SandboxEhr:
 
     @property
     def public_jwks(self) -> dict[str, Any]:
-        return {"keys": [dict(self._public_jwk)]}
+        return self._profiles["default"].public_jwks
 
     @property
     def is_down(self) -> bool:
@@ -342,7 +689,8 @@ class SandboxEhr:
     def fail_next(
         self, endpoint: str, *, status: int = 500, count: int = 1, delay: float = 0.0
     ) -> None:
-        """The next ``count`` requests to ``endpoint`` fail with ``status`` after ``delay`` s.
+        """The next ``count`` requests to ``endpoint`` (at any profile) fail with ``status``
+        after ``delay`` s.
 
         ``authorize`` faults redirect back with ``error=access_denied`` (``status=503`` answers a
         503 page instead). A ``status`` below 400 only delays, then answers normally.
@@ -356,7 +704,7 @@ class SandboxEhr:
 
     def reset(self) -> None:
         """Clear faults, the down flag, the inspection lists and restore the clock and
-        ``require_client_assertion`` (issued tokens, codes and launches are kept)."""
+        ``require_client_assertion`` (issued tokens, codes, launches and config ids are kept)."""
         with self._lock:
             self._faults.clear()
             self._down = False
@@ -365,6 +713,10 @@ class SandboxEhr:
             self.audit_events.clear()
             self.epic_status_calls.clear()
             self.token_requests.clear()
+            for profile in self._profiles.values():
+                profile.audit_events.clear()
+                profile.epic_status_calls.clear()
+                profile.token_requests.clear()
 
     def make_launch(
         self,
@@ -375,7 +727,45 @@ class SandboxEhr:
         conference_id: str | None = None,
         deny: bool = False,
     ) -> str:
-        """A launch token (what the EHR puts in ``launch=``) for that visit and user."""
+        """A default-profile launch token (what the EHR puts in ``launch=``)."""
+        return self._profiles["default"].make_launch(
+            appointment_id=appointment_id,
+            user=user,
+            practitioner_id=practitioner_id,
+            conference_id=conference_id,
+            deny=deny,
+        )
+
+    def launch_url(
+        self,
+        config_id: str,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None = None,
+        conference_id: str | None = None,
+        deny: bool = False,
+    ) -> str:
+        """The connector's launch URL the default profile opens for this visit and user."""
+        return self._profiles["default"].launch_url(
+            config_id,
+            appointment_id=appointment_id,
+            user=user,
+            practitioner_id=practitioner_id,
+            conference_id=conference_id,
+            deny=deny,
+        )
+
+    def _new_launch(
+        self,
+        profile: EhrProfile,
+        *,
+        appointment_id: str,
+        user: UserKind,
+        practitioner_id: str | None,
+        conference_id: str | None,
+        deny: bool,
+    ) -> tuple[str, LaunchContext]:
         appt = seed.APPOINTMENTS.get(appointment_id)
         if appt is None:
             raise ValueError(f"unknown appointment {appointment_id!r}")
@@ -388,15 +778,26 @@ class SandboxEhr:
             fhir_user = f"Patient/{appt.patient_id}"
         else:
             raise ValueError("user must be 'clinician' or 'patient'")
+        conference = conference_id or appt.conference_id
+        if profile.spec.context == "encounter":
+            if not appt.encounter_id:
+                raise ValueError(
+                    f"appointment {appointment_id!r} has no encounter; the {profile.name} "
+                    "profile launches with an encounter only"
+                )
+            if conference_id:
+                raise ValueError(f"the {profile.name} profile passes no conference id")
+            conference = None
         ctx = LaunchContext(
             user=user,
             fhir_user=fhir_user,
             patient_id=appt.patient_id,
             appointment_id=appt.id,
             encounter_id=appt.encounter_id,
-            conference_id=conference_id or appt.conference_id,
+            conference_id=conference,
             deny=deny,
             expires_at=self.clock() + LAUNCH_TTL,
+            profile=profile.name,
         )
         token = secrets.token_urlsafe(24)
         with self._lock:
@@ -404,54 +805,94 @@ class SandboxEhr:
             for key in [k for k, v in self._launches.items() if v.expires_at < now]:
                 del self._launches[key]
             self._launches[token] = ctx
-        return token
-
-    def launch_url(
-        self,
-        config_id: str,
-        *,
-        appointment_id: str,
-        user: UserKind,
-        practitioner_id: str | None = None,
-        conference_id: str | None = None,
-        deny: bool = False,
-    ) -> str:
-        """The connector's launch URL the EHR opens for this visit and user."""
-        token = self.make_launch(
-            appointment_id=appointment_id,
-            user=user,
-            practitioner_id=practitioner_id,
-            conference_id=conference_id,
-            deny=deny,
-        )
-        kind = "provider" if user == "clinician" else "patient"
-        query = urlencode({"iss": self.fhir_base, "launch": token})
-        return f"{self.connector_url}/api/launch/{kind}/{quote(config_id, safe='')}?{query}"
+        return token, ctx
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _routes(self) -> list[Route]:
-        return [
-            Route("/", self._home, methods=["GET"]),
-            Route("/smart-style.json", self._smart_style, methods=["GET"]),
+    @staticmethod
+    def _bind(
+        handler: Handler, profile: EhrProfile, where: Literal["fhir", "auth"]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not profile._serves_host(request.url.hostname, where):
+                return Response("Not Found", status_code=404, media_type="text/plain")
+            return await handler(request, profile)
+
+        endpoint.__name__ = f"{profile.name}_{handler.__name__.lstrip('_')}"
+        return endpoint
+
+    def _profile_routes(self, profile: EhrProfile) -> list[Route]:
+        spec = profile.spec
+        fhir = spec.fhir_path
+        bind = self._bind
+        routes = [
             Route(
-                "/fhir/{flavor}/.well-known/smart-configuration",
-                self._smart_config,
+                f"{fhir}/.well-known/smart-configuration",
+                bind(self._smart_config, profile, "fhir"),
                 methods=["GET"],
             ),
             Route(
-                "/fhir/r4/.well-known/openid-configuration", self._openid_config, methods=["GET"]
+                f"{spec.issuer_path.rstrip('/')}/.well-known/openid-configuration",
+                bind(self._openid_config, profile, "auth"),
+                methods=["GET"],
             ),
-            Route("/fhir/r4/.well-known/jwks.json", self._jwks, methods=["GET"]),
-            Route("/oauth2/jwks", self._jwks, methods=["GET"]),
-            Route("/fhir/{flavor}/metadata", self._metadata, methods=["GET"]),
-            Route("/fhir/r4/AuditEvent", self._post_audit_event, methods=["POST"]),
-            Route("/fhir/r4/{rtype}/{rid}", self._fhir_read, methods=["GET"]),
-            Route("/oauth2/authorize", self._authorize, methods=["GET"]),
-            Route("/oauth2/signin", self._signin, methods=["GET"]),
-            Route("/oauth2/token", self._token, methods=["POST"]),
-            Route(EPIC_STATUS_PATH, self._epic_status, methods=["POST"]),
         ]
+        if spec.openid_configuration_at_fhir_base:
+            routes.append(
+                Route(
+                    f"{fhir}/.well-known/openid-configuration",
+                    bind(self._openid_config, profile, "fhir"),
+                    methods=["GET"],
+                )
+            )
+        routes += [
+            Route(spec.jwks_path, bind(self._jwks, profile, "auth"), methods=["GET"]),
+            Route(f"{fhir}/metadata", bind(self._metadata, profile, "fhir"), methods=["GET"]),
+            Route(
+                f"{fhir}/AuditEvent",
+                bind(self._post_audit_event, profile, "fhir"),
+                methods=["POST"],
+            ),
+            Route(
+                f"{fhir}/{{rtype}}/{{rid}}", bind(self._fhir_read, profile, "fhir"), methods=["GET"]
+            ),
+            Route(spec.authorize_path, bind(self._authorize, profile, "auth"), methods=["GET"]),
+            Route(spec.signin_path, bind(self._signin, profile, "auth"), methods=["GET"]),
+            Route(spec.token_path, bind(self._token, profile, "auth"), methods=["POST"]),
+        ]
+        if spec.epic_status_path:
+            routes.append(
+                Route(
+                    spec.epic_status_path,
+                    bind(self._epic_status, profile, "fhir"),
+                    methods=["POST"],
+                )
+            )
+        return routes
+
+    def _routes(self) -> list[Route]:
+        default = self._profiles["default"]
+        routes = [
+            Route("/", self._home, methods=["GET"]),
+            Route("/smart-style.json", self._smart_style, methods=["GET"]),
+            # the default profile's key at its older location (before the FHIR read route)
+            Route(
+                "/fhir/r4/.well-known/jwks.json",
+                self._bind(self._jwks, default, "fhir"),
+                methods=["GET"],
+            ),
+        ]
+        for profile in self._profiles.values():
+            routes += self._profile_routes(profile)
+        routes += [
+            Route(
+                "/fhir/{flavor}/.well-known/smart-configuration",
+                self._flavor_smart_config,
+                methods=["GET"],
+            ),
+            Route("/fhir/{flavor}/metadata", self._flavor_metadata, methods=["GET"]),
+        ]
+        return routes
 
     async def _take_fault(self, endpoint: str) -> _Fault | None:
         """Pops the next fault for ``endpoint``, sleeps its delay; returns it if it must fail."""
@@ -468,14 +909,21 @@ class SandboxEhr:
             await asyncio.sleep(snapshot.delay)
         return snapshot if snapshot.status >= 400 else None
 
-    def _bearer(self, request: Request) -> tuple[_AccessToken | None, Response | None]:
+    def _bearer(
+        self, request: Request, profile: EhrProfile
+    ) -> tuple[_AccessToken | None, Response | None]:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             return None, self._unauthorized('Bearer realm="sandbox-ehr"')
         with self._lock:
             info = self._tokens.get(value.strip())
-        if info is None or info.revoked or info.expires_at <= self.clock():
+        if (
+            info is None
+            or info.profile != profile.name  # another EHR's token
+            or info.revoked
+            or info.expires_at <= self.clock()
+        ):
             return None, self._unauthorized(
                 'Bearer realm="sandbox-ehr", error="invalid_token", '
                 'error_description="The access token is unknown, expired or revoked"'
@@ -516,12 +964,29 @@ class SandboxEhr:
             return JSONResponse({"error": "server_error"}, status_code=fault.status)
         return None
 
-    def _smart_configuration(self, issuer: str, pkce: list[str]) -> dict[str, Any]:
+    @staticmethod
+    def _smart_configuration(profile: EhrProfile, pkce: list[str]) -> dict[str, Any]:
+        capabilities = [
+            "launch-ehr",
+            "launch-standalone",
+            "client-public",
+            "client-confidential-asymmetric",
+            "context-banner",
+            "context-style",
+            "context-ehr-patient",
+            "context-ehr-encounter",
+            "sso-openid-connect",
+            "permission-patient",
+            "permission-user",
+            "permission-v1",
+            "permission-v2",
+        ]
         return {
-            "issuer": issuer,
-            "jwks_uri": self.jwks_uri,
-            "authorization_endpoint": self.authorization_endpoint,
-            "token_endpoint": self.token_endpoint,
+            "issuer": profile.issuer,
+            "jwks_uri": profile.jwks_uri,
+            "authorization_endpoint": profile.authorization_endpoint,
+            "token_endpoint": profile.token_endpoint,
+            "authorization_response_iss_parameter_supported": True,
             "grant_types_supported": ["authorization_code", "client_credentials"],
             "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
             "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
@@ -539,58 +1004,60 @@ class SandboxEhr:
                 "system/AuditEvent.write",
             ],
             "response_types_supported": ["code"],
-            "capabilities": [
-                "launch-ehr",
-                "launch-standalone",
-                "client-public",
-                "client-confidential-asymmetric",
-                "context-banner",
-                "context-style",
-                "context-ehr-patient",
-                "context-ehr-encounter",
-                "sso-openid-connect",
-                "permission-patient",
-                "permission-user",
-                "permission-v1",
-                "permission-v2",
-            ],
+            "capabilities": capabilities,
             "code_challenge_methods_supported": pkce,
         }
 
-    async def _smart_config(self, request: Request) -> Response:
+    async def _smart_config(self, request: Request, profile: EhrProfile) -> Response:
+        if fault := await self._discovery_fault():
+            return fault
+        return JSONResponse(self._smart_configuration(profile, ["S256"]))
+
+    async def _flavor_smart_config(self, request: Request) -> Response:
+        """The misconfigured bases (a DSTU2 server, a server without S256) on the default
+        profile's authorization server."""
         if fault := await self._discovery_fault():
             return fault
         flavor = request.path_params["flavor"]
-        if flavor == "r4":
-            doc = self._smart_configuration(self.fhir_base, ["S256"])
-        elif flavor == "dstu2":
-            doc = self._smart_configuration(self.dstu2_base, ["S256"])
+        default = self._profiles["default"]
+        if flavor == "dstu2":
+            doc = self._smart_configuration(default, ["S256"])
         elif flavor == "no-pkce":
-            doc = self._smart_configuration(self.no_pkce_base, ["plain"])
+            doc = self._smart_configuration(default, ["plain"])
         else:
             return JSONResponse({"error": "not_found"}, status_code=404)
         return JSONResponse(doc)
 
-    async def _openid_config(self, request: Request) -> Response:
+    async def _openid_config(self, request: Request, profile: EhrProfile) -> Response:
         if fault := await self._discovery_fault():
             return fault
         return JSONResponse(
             {
-                "issuer": self.fhir_base,
-                "jwks_uri": self.jwks_uri,
-                "authorization_endpoint": self.authorization_endpoint,
-                "token_endpoint": self.token_endpoint,
+                "issuer": profile.issuer,
+                "jwks_uri": profile.jwks_uri,
+                "authorization_endpoint": profile.authorization_endpoint,
+                "token_endpoint": profile.token_endpoint,
+                "authorization_response_iss_parameter_supported": True,
                 "response_types_supported": ["code"],
                 "subject_types_supported": ["public"],
                 "id_token_signing_alg_values_supported": ["RS256"],
-                "scopes_supported": ["openid", "fhirUser"],
-                "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nonce", "fhirUser"],
+                "scopes_supported": ["openid", "fhirUser", "profile"],
+                "claims_supported": [
+                    "iss",
+                    "sub",
+                    "aud",
+                    "exp",
+                    "iat",
+                    "auth_time",
+                    "nonce",
+                    "fhirUser",
+                ],
                 "code_challenge_methods_supported": ["S256"],
             }
         )
 
-    async def _jwks(self, request: Request) -> Response:
-        return JSONResponse(self.public_jwks)
+    async def _jwks(self, request: Request, profile: EhrProfile) -> Response:
+        return JSONResponse(profile.public_jwks)
 
     async def _smart_style(self, request: Request) -> Response:
         return JSONResponse(
@@ -601,10 +1068,38 @@ class SandboxEhr:
             }
         )
 
-    async def _metadata(self, request: Request) -> Response:
+    @staticmethod
+    def _r4_capability_statement(base: str, security: dict[str, Any]) -> dict[str, Any]:
+        resources: list[dict[str, Any]] = [
+            {"type": t, "interaction": [{"code": "read"}]}
+            for t in ("Patient", "Practitioner", "Appointment", "Encounter")
+        ]
+        resources.append(
+            {"type": "AuditEvent", "interaction": [{"code": "create"}, {"code": "read"}]}
+        )
+        return {
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "date": "2024-01-01",
+            "kind": "instance",
+            "software": {"name": "Sandbox SMART EHR", "version": "1.0"},
+            "implementation": {"description": "Sandbox SMART EHR", "url": base},
+            "fhirVersion": "4.0.1",
+            "format": ["json"],
+            "rest": [{"mode": "server", "security": security, "resource": resources}],
+        }
+
+    async def _metadata(self, request: Request, profile: EhrProfile) -> Response:
+        if fault := await self._discovery_fault():
+            return fault
+        doc = self._r4_capability_statement(profile.fhir_base, self._security(profile))
+        return Response(json.dumps(doc), media_type=FHIR_JSON)
+
+    async def _flavor_metadata(self, request: Request) -> Response:
         if fault := await self._discovery_fault():
             return fault
         flavor = request.path_params["flavor"]
+        security = self._security(self._profiles["default"])
         if flavor == "dstu2":
             doc: dict[str, Any] = {
                 "resourceType": "Conformance",
@@ -614,40 +1109,23 @@ class SandboxEhr:
                 "fhirVersion": "1.0.2",
                 "acceptUnknown": "no",
                 "format": ["application/json+fhir"],
-                "rest": [{"mode": "server", "security": self._security(self.dstu2_base)}],
+                "rest": [{"mode": "server", "security": security}],
             }
             return Response(json.dumps(doc), media_type="application/json+fhir; charset=utf-8")
-        if flavor not in ("r4", "no-pkce"):
+        if flavor != "no-pkce":
             return _outcome(404, "not-found", "Unknown FHIR endpoint")
-        resources: list[dict[str, Any]] = [
-            {"type": t, "interaction": [{"code": "read"}]}
-            for t in ("Patient", "Practitioner", "Appointment", "Encounter")
-        ]
-        resources.append(
-            {"type": "AuditEvent", "interaction": [{"code": "create"}, {"code": "read"}]}
-        )
-        base = self.fhir_base if flavor == "r4" else self.no_pkce_base
-        doc = {
-            "resourceType": "CapabilityStatement",
-            "status": "active",
-            "date": "2024-01-01",
-            "kind": "instance",
-            "software": {"name": "Sandbox SMART EHR", "version": "1.0"},
-            "implementation": {"description": "Sandbox SMART EHR", "url": base},
-            "fhirVersion": "4.0.1",
-            "format": ["json"],
-            "rest": [{"mode": "server", "security": self._security(base), "resource": resources}],
-        }
+        doc = self._r4_capability_statement(self.no_pkce_base, security)
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
-    def _security(self, base: str) -> dict[str, Any]:
+    @staticmethod
+    def _security(profile: EhrProfile) -> dict[str, Any]:
         return {
             "extension": [
                 {
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
                     "extension": [
-                        {"url": "authorize", "valueUri": self.authorization_endpoint},
-                        {"url": "token", "valueUri": self.token_endpoint},
+                        {"url": "authorize", "valueUri": profile.authorization_endpoint},
+                        {"url": "token", "valueUri": profile.token_endpoint},
                     ],
                 }
             ],
@@ -675,11 +1153,23 @@ class SandboxEhr:
         )
 
     def _redirect_error(
-        self, redirect_uri: str, state: str | None, error: str, description: str
+        self,
+        profile: EhrProfile,
+        redirect_uri: str,
+        state: str | None,
+        error: str,
+        description: str,
     ) -> Response:
         params = {"error": error, "error_description": description}
         if state:
             params["state"] = state
+        params["iss"] = profile.issuer  # RFC 9207: error responses carry it too
+        return RedirectResponse(self._with_query(redirect_uri, params), status_code=302)
+
+    def _redirect_code(
+        self, profile: EhrProfile, redirect_uri: str, code: str, state: str
+    ) -> Response:
+        params = {"code": code, "state": state, "iss": profile.issuer}  # RFC 9207
         return RedirectResponse(self._with_query(redirect_uri, params), status_code=302)
 
     @staticmethod
@@ -689,6 +1179,7 @@ class SandboxEhr:
     def _issue_code(
         self,
         *,
+        profile: EhrProfile,
         client_id: str,
         redirect_uri: str,
         code_challenge: str,
@@ -703,6 +1194,7 @@ class SandboxEhr:
             for key in [k for k, v in self._codes.items() if v.expires_at + 600 < now]:
                 del self._codes[key]
             self._codes[code] = _AuthCode(
+                profile=profile.name,
                 client_id=client_id,
                 redirect_uri=redirect_uri,
                 code_challenge=code_challenge,
@@ -714,7 +1206,7 @@ class SandboxEhr:
             )
         return code
 
-    async def _authorize(self, request: Request) -> Response:
+    async def _authorize(self, request: Request, profile: EhrProfile) -> Response:
         items = request.query_params.multi_items()
         params = dict(items)
         client_id = params.get("client_id")
@@ -729,66 +1221,49 @@ class SandboxEhr:
                 f"redirect_uri {redirect_uri!r} is not registered for this application.",
             )
         state = params.get("state")
+
+        def fail(error: str, description: str, with_state: bool = True) -> Response:
+            assert redirect_uri is not None
+            return self._redirect_error(
+                profile, redirect_uri, state if with_state else None, error, description
+            )
+
         fault = await self._take_fault("authorize")
         if fault:
             if fault.status == 503:
                 return _page("EHR unavailable", "<p>Try again later.</p>", 503)
-            return self._redirect_error(
-                redirect_uri, state, "access_denied", "The user or the EHR denied the request"
-            )
+            return fail("access_denied", "The user or the EHR denied the request")
         if len(params) != len(items):
-            return self._redirect_error(
-                redirect_uri, state, "invalid_request", "A parameter was repeated"
-            )
+            return fail("invalid_request", "A parameter was repeated")
         if params.get("response_type") != "code":
-            return self._redirect_error(
-                redirect_uri, state, "unsupported_response_type", "response_type must be 'code'"
-            )
+            return fail("unsupported_response_type", "response_type must be 'code'")
         if not state:
-            return self._redirect_error(redirect_uri, None, "invalid_request", "state is required")
+            return fail("invalid_request", "state is required", with_state=False)
         scopes = params.get("scope", "").split()
         if not scopes:
-            return self._redirect_error(redirect_uri, state, "invalid_scope", "scope is required")
+            return fail("invalid_scope", "scope is required")
         if params.get("code_challenge_method") != "S256":
-            return self._redirect_error(
-                redirect_uri,
-                state,
-                "invalid_request",
-                "PKCE with code_challenge_method=S256 is required",
-            )
+            return fail("invalid_request", "PKCE with code_challenge_method=S256 is required")
         challenge = params.get("code_challenge", "")
         if not _PKCE_CHALLENGE_RE.match(challenge):
-            return self._redirect_error(
-                redirect_uri, state, "invalid_request", "code_challenge is missing or malformed"
-            )
-        if params.get("aud") != self.fhir_base:
-            return self._redirect_error(
-                redirect_uri,
-                state,
-                "invalid_request",
-                f"aud must be this EHR's FHIR base URL ({self.fhir_base})",
+            return fail("invalid_request", "code_challenge is missing or malformed")
+        if params.get("aud") != profile.fhir_base:
+            return fail(
+                "invalid_request", f"aud must be this EHR's FHIR base URL ({profile.fhir_base})"
             )
         nonce = params.get("nonce")
         launch = params.get("launch")
         if launch:
             if "launch" not in scopes:
-                return self._redirect_error(
-                    redirect_uri,
-                    state,
-                    "invalid_scope",
-                    "an EHR launch requires the 'launch' scope",
-                )
+                return fail("invalid_scope", "an EHR launch requires the 'launch' scope")
             with self._lock:
                 ctx = self._launches.get(launch)
-            if ctx is None or ctx.expires_at <= self.clock():
-                return self._redirect_error(
-                    redirect_uri, state, "invalid_request", "The launch token is unknown or expired"
-                )
+            if ctx is None or ctx.profile != profile.name or ctx.expires_at <= self.clock():
+                return fail("invalid_request", "The launch token is unknown or expired")
             if ctx.deny:
-                return self._redirect_error(
-                    redirect_uri, state, "access_denied", "The user denied the request"
-                )
+                return fail("access_denied", "The user denied the request")
             code = self._issue_code(
+                profile=profile,
                 client_id=client_id,
                 redirect_uri=redirect_uri,
                 code_challenge=challenge,
@@ -797,19 +1272,16 @@ class SandboxEhr:
                 fhir_user=ctx.fhir_user,
                 launch=ctx,
             )
-            return RedirectResponse(
-                self._with_query(redirect_uri, {"code": code, "state": state}), status_code=302
-            )
+            return self._redirect_code(profile, redirect_uri, code, state)
         if "launch" in scopes:
-            return self._redirect_error(
-                redirect_uri, state, "invalid_request", "scope 'launch' requires a launch parameter"
-            )
+            return fail("invalid_request", "scope 'launch' requires a launch parameter")
         req = secrets.token_urlsafe(24)
         with self._lock:
             now = self.clock()
             for key in [k for k, v in self._signins.items() if v.expires_at < now]:
                 del self._signins[key]
             self._signins[req] = _PendingSignin(
+                profile=profile.name,
                 client_id=client_id,
                 redirect_uri=redirect_uri,
                 state=state,
@@ -818,7 +1290,7 @@ class SandboxEhr:
                 nonce=nonce,
                 expires_at=now + SIGNIN_TTL,
             )
-        return self._signin_page(req)
+        return self._signin_page(profile, req)
 
     @staticmethod
     def _signin_users() -> list[seed.SeedPractitioner]:
@@ -826,40 +1298,50 @@ class SandboxEhr:
         clinicians = [seed.PRACTITIONERS[p] for p in seed.CLINICIAN_IDS]
         return [analyst, *clinicians]
 
-    def _signin_page(self, req: str) -> HTMLResponse:
+    def _signin_page(self, profile: EhrProfile, req: str) -> HTMLResponse:
         rows = []
         for user in self._signin_users():
-            href = f"{self.base_url}/oauth2/signin?{urlencode({'req': req, 'user': user.id})}"
+            href = f"{profile.signin_endpoint}?{urlencode({'req': req, 'user': user.id})}"
             role = "EHR analyst" if user.role == "analyst" else "clinician"
             rows.append(
                 f'<li><a class="user" data-user-id="{html.escape(user.id)}" '
                 f'href="{html.escape(href)}">Sign in as {html.escape(user.name)}</a> '
                 f"({role})</li>"
             )
-        deny = f"{self.base_url}/oauth2/signin?{urlencode({'req': req, 'deny': '1'})}"
+        deny = f"{profile.signin_endpoint}?{urlencode({'req': req, 'deny': '1'})}"
         body = (
-            "<p>An application asks to sign you in to the EHR. Choose a user:</p>"
+            f"<p>An application asks to sign you in to the EHR ({html.escape(profile.label)}). "
+            "Choose a user:</p>"
             f"<ul class=users>{''.join(rows)}</ul>"
             f'<p><a class="deny" href="{html.escape(deny)}">Deny</a></p>'
         )
         return _page("Sign in to the Sandbox EHR", body)
 
-    async def _signin(self, request: Request) -> Response:
+    async def _signin(self, request: Request, profile: EhrProfile) -> Response:
         req = request.query_params.get("req", "")
         with self._lock:
-            pending = self._signins.pop(req, None)
+            pending = self._signins.get(req)
+            if pending is not None and pending.profile == profile.name:
+                del self._signins[req]
+            else:
+                pending = None
         if pending is None or pending.expires_at <= self.clock():
             return self._error_page(
                 "Sign-in expired", "This sign-in request is unknown, used or expired."
             )
         if request.query_params.get("deny"):
             return self._redirect_error(
-                pending.redirect_uri, pending.state, "access_denied", "The user denied the request"
+                profile,
+                pending.redirect_uri,
+                pending.state,
+                "access_denied",
+                "The user denied the request",
             )
         user_id = request.query_params.get("user", "")
         if user_id not in {u.id for u in self._signin_users()}:
             return self._error_page("Unknown user", "No such EHR user.")
         code = self._issue_code(
+            profile=profile,
             client_id=pending.client_id,
             redirect_uri=pending.redirect_uri,
             code_challenge=pending.code_challenge,
@@ -868,10 +1350,7 @@ class SandboxEhr:
             fhir_user=f"Practitioner/{user_id}",
             launch=None,
         )
-        return RedirectResponse(
-            self._with_query(pending.redirect_uri, {"code": code, "state": pending.state}),
-            status_code=302,
-        )
+        return self._redirect_code(profile, pending.redirect_uri, code, pending.state)
 
     # --- token ----------------------------------------------------------------------------------
 
@@ -886,7 +1365,7 @@ class SandboxEhr:
             headers=headers,
         )
 
-    async def _token(self, request: Request) -> Response:
+    async def _token(self, request: Request, profile: EhrProfile) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = (await request.body()).decode("utf-8", errors="replace")
         parsed = parse_qs(body, keep_blank_values=True)
@@ -910,14 +1389,16 @@ class SandboxEhr:
             if any(len(v) > 1 for v in parsed.values()):
                 raise _OAuthError("invalid_request", "a parameter was repeated")
             if grant_type == "authorization_code":
-                return await self._token_code(form)
+                return await self._token_code(form, profile)
             if grant_type == "client_credentials":
-                return await self._token_backend(form)
+                return await self._token_backend(form, profile)
             raise _OAuthError("unsupported_grant_type", f"grant_type {grant_type!r}")
         except _OAuthError as err:
             return self._token_error(err)
 
-    async def _authenticate_client(self, form: dict[str, str], *, require_assertion: bool) -> str:
+    async def _authenticate_client(
+        self, form: dict[str, str], profile: EhrProfile, *, require_assertion: bool
+    ) -> str:
         assertion_type = form.get("client_assertion_type")
         assertion = form.get("client_assertion")
         if assertion_type or assertion:
@@ -927,7 +1408,9 @@ class SandboxEhr:
                 )
             if not assertion:
                 raise _OAuthError("invalid_client", "client_assertion is missing", 401)
-            return await self._verify_assertion(assertion, form.get("client_id"))
+            return await self._verify_assertion(
+                assertion, form.get("client_id"), audience=profile.token_endpoint
+            )
         if require_assertion:
             raise _OAuthError(
                 "invalid_client", "client authentication with private_key_jwt is required", 401
@@ -978,7 +1461,9 @@ class SandboxEhr:
                 return keys
         raise _OAuthError("invalid_client", "no matching key in the client's JWKS", 401)
 
-    async def _verify_assertion(self, assertion: str, client_id_param: str | None) -> str:
+    async def _verify_assertion(
+        self, assertion: str, client_id_param: str | None, *, audience: str
+    ) -> str:
         def bad(why: str) -> _OAuthError:
             return _OAuthError("invalid_client", f"client_assertion rejected: {why}", 401)
 
@@ -1005,7 +1490,7 @@ class SandboxEhr:
                     assertion,
                     key,
                     algorithms=[alg],
-                    audience=self.token_endpoint,
+                    audience=audience,
                     options={
                         "verify_exp": False,
                         "verify_iat": False,
@@ -1017,7 +1502,7 @@ class SandboxEhr:
             except jwt.InvalidSignatureError:
                 continue
             except jwt.InvalidAudienceError as exc:
-                raise bad(f"aud must be the token endpoint {self.token_endpoint}") from exc
+                raise bad(f"aud must be the token endpoint {audience}") from exc
             except jwt.PyJWTError as exc:
                 raise bad(str(exc)) from exc
         if claims is None:
@@ -1053,12 +1538,37 @@ class SandboxEhr:
             self._tokens[token] = info
         return token
 
-    def _sub(self, fhir_user: str) -> str:
-        return "ehr-user-" + hashlib.sha256(f"sandbox:{fhir_user}".encode()).hexdigest()[:24]
+    @staticmethod
+    def _sub(profile: EhrProfile, fhir_user: str) -> str:
+        realm = "sandbox" if profile.name == "default" else f"sandbox-{profile.name}"
+        return "ehr-user-" + hashlib.sha256(f"{realm}:{fhir_user}".encode()).hexdigest()[:24]
 
-    async def _token_code(self, form: dict[str, str]) -> Response:
+    def _record_token_request(self, profile: EhrProfile, grant_type: str, auth: str) -> None:
+        with self._lock:
+            for target in (self.token_requests, profile.token_requests):
+                target.append({"grant_type": grant_type, "auth": auth})
+
+    def _id_token(self, profile: EhrProfile, grant: _AuthCode, client_id: str, now: float) -> str:
+        """OpenID Connect id_token: ``iss`` = the issuer, ``aud`` = the client, ``exp``, ``iat``,
+        the request's ``nonce``; an absolute ``fhirUser`` when ``fhirUser``/``profile`` was
+        asked for."""
+        claims: dict[str, Any] = {
+            "iss": profile.issuer,
+            "aud": client_id,
+            "sub": self._sub(profile, grant.fhir_user),
+            "iat": int(now),
+            "auth_time": int(now),
+            "exp": int(now) + USER_TOKEN_TTL,
+        }
+        if "fhirUser" in grant.scopes or "profile" in grant.scopes:
+            claims["fhirUser"] = f"{profile.fhir_base}/{grant.fhir_user}"
+        if grant.nonce:
+            claims["nonce"] = grant.nonce
+        return profile._sign(claims)
+
+    async def _token_code(self, form: dict[str, str], profile: EhrProfile) -> Response:
         client_id = await self._authenticate_client(
-            form, require_assertion=self.require_client_assertion
+            form, profile, require_assertion=self.require_client_assertion
         )
         method = "private_key_jwt" if form.get("client_assertion") else "none"
         code = form.get("code")
@@ -1067,7 +1577,7 @@ class SandboxEhr:
         now = self.clock()
         with self._lock:
             grant = self._codes.get(code)
-            if grant is None:
+            if grant is None or grant.profile != profile.name:  # another EHR's code
                 raise _OAuthError("invalid_grant", "unknown authorization code")
             if grant.used:
                 for token in grant.access_tokens:
@@ -1094,6 +1604,7 @@ class SandboxEhr:
         ctx = grant.launch
         access = self._new_access_token(
             _AccessToken(
+                profile=profile.name,
                 kind="user",
                 client_id=client_id,
                 scopes=frozenset(grant.scopes),
@@ -1103,66 +1614,31 @@ class SandboxEhr:
         )
         with self._lock:
             grant.access_tokens.append(access)
-            self.token_requests.append({"grant_type": "authorization_code", "auth": method})
+        self._record_token_request(profile, "authorization_code", method)
         body: dict[str, Any] = {
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": USER_TOKEN_TTL,
             "scope": " ".join(grant.scopes),
         }
-        if "openid" in grant.scopes and ("fhirUser" in grant.scopes or "profile" in grant.scopes):
-            claims: dict[str, Any] = {
-                "iss": self.fhir_base,
-                "aud": client_id,
-                "sub": self._sub(grant.fhir_user),
-                "fhirUser": f"{self.fhir_base}/{grant.fhir_user}",
-                "iat": int(now),
-                "auth_time": int(now),
-                "exp": int(now) + USER_TOKEN_TTL,
-            }
-            if grant.nonce:
-                claims["nonce"] = grant.nonce
-            body["id_token"] = jwt.encode(
-                claims, self._key, algorithm="RS256", headers={"kid": self._kid}
-            )
-        elif "openid" in grant.scopes:
-            claims = {
-                "iss": self.fhir_base,
-                "aud": client_id,
-                "sub": self._sub(grant.fhir_user),
-                "iat": int(now),
-                "exp": int(now) + USER_TOKEN_TTL,
-            }
-            if grant.nonce:
-                claims["nonce"] = grant.nonce
-            body["id_token"] = jwt.encode(
-                claims, self._key, algorithm="RS256", headers={"kid": self._kid}
-            )
+        if "openid" in grant.scopes:
+            body["id_token"] = self._id_token(profile, grant, client_id, now)
         if ctx is not None:
+            # Launch context arrives in the token response.
             body["patient"] = ctx.patient_id
             if ctx.encounter_id:
                 body["encounter"] = ctx.encounter_id
-            fhir_context: list[dict[str, Any]] = [
-                {"reference": f"Appointment/{ctx.appointment_id}"}
-            ]
-            if ctx.conference_id:
-                fhir_context.append(
-                    {
-                        "identifier": {
-                            "system": seed.CONFERENCE_ID_SYSTEM,
-                            "value": ctx.conference_id,
-                        }
-                    }
-                )
-            body["fhirContext"] = fhir_context
+            fhir_context = profile._fhir_context(ctx)
+            if fhir_context:
+                body["fhirContext"] = fhir_context
             body["need_patient_banner"] = False
             body["smart_style_url"] = f"{self.base_url}/smart-style.json"
         else:
             body["need_patient_banner"] = True
         return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    async def _token_backend(self, form: dict[str, str]) -> Response:
-        client_id = await self._authenticate_client(form, require_assertion=True)
+    async def _token_backend(self, form: dict[str, str], profile: EhrProfile) -> Response:
+        client_id = await self._authenticate_client(form, profile, require_assertion=True)
         scopes = form.get("scope", "").split()
         if not scopes:
             raise _OAuthError("invalid_scope", "scope is required")
@@ -1174,16 +1650,14 @@ class SandboxEhr:
                 )
         access = self._new_access_token(
             _AccessToken(
+                profile=profile.name,
                 kind="system",
                 client_id=client_id,
                 scopes=frozenset(scopes),
                 expires_at=self.clock() + SYSTEM_TOKEN_TTL,
             )
         )
-        with self._lock:
-            self.token_requests.append(
-                {"grant_type": "client_credentials", "auth": "private_key_jwt"}
-            )
+        self._record_token_request(profile, "client_credentials", "private_key_jwt")
         return JSONResponse(
             {
                 "access_token": access,
@@ -1196,7 +1670,7 @@ class SandboxEhr:
 
     # --- FHIR -----------------------------------------------------------------------------------
 
-    def _lookup(self, rtype: str, rid: str) -> dict[str, Any] | None:
+    def _lookup(self, profile: EhrProfile, rtype: str, rid: str) -> dict[str, Any] | None:
         if rtype == "Patient" and rid in seed.PATIENTS:
             return seed.patient_resource(seed.PATIENTS[rid])
         if rtype == "Practitioner" and rid in seed.PRACTITIONERS:
@@ -1204,11 +1678,16 @@ class SandboxEhr:
         if rtype == "Appointment" and rid in seed.APPOINTMENTS:
             return seed.appointment_resource(seed.APPOINTMENTS[rid])
         if rtype == "Encounter" and rid in seed.ENCOUNTERS:
-            return seed.encounter_resource(rid)
+            resource = seed.encounter_resource(rid)
+            if profile.spec.context == "encounter":
+                resource.pop("appointment", None)  # no appointment anywhere in its context
+            return resource
         if rtype == "AuditEvent":
             with self._lock:
-                event = self._audit_by_id.get(rid)
-            return dict(event) if event else None
+                stored = self._audit_by_id.get(rid)
+            if stored is None or stored[0] != profile.name:
+                return None
+            return dict(stored[1])
         return None
 
     @staticmethod
@@ -1229,11 +1708,11 @@ class SandboxEhr:
             return bool(resource.get("subject", {}).get("reference") == ref)
         return False
 
-    async def _fhir_read(self, request: Request) -> Response:
+    async def _fhir_read(self, request: Request, profile: EhrProfile) -> Response:
         fault = await self._take_fault("fhir")
         if fault:
             return _outcome(fault.status, "transient", "injected fault")
-        info, denied = self._bearer(request)
+        info, denied = self._bearer(request, profile)
         if denied or info is None:
             return denied or _outcome(401, "login", "unauthorized")
         rtype, rid = request.path_params["rtype"], request.path_params["rid"]
@@ -1244,18 +1723,18 @@ class SandboxEhr:
             return _outcome(403, "forbidden", f"The token's scopes do not allow reading {rtype}")
         if rtype == "AuditEvent" and info.kind != "system":
             return _outcome(403, "forbidden", "AuditEvent reads need a system token")
-        resource = self._lookup(rtype, rid)
+        resource = self._lookup(profile, rtype, rid)
         if resource is None:
             return _outcome(404, "not-found", f"{rtype}/{rid} is not known")
         if contexts == {"patient"} and not self._in_patient_compartment(resource, info.patient_id):
             return _outcome(403, "forbidden", "Outside the launch patient's compartment")
         return Response(json.dumps(resource), media_type=FHIR_JSON)
 
-    async def _post_audit_event(self, request: Request) -> Response:
+    async def _post_audit_event(self, request: Request, profile: EhrProfile) -> Response:
         fault = await self._take_fault("auditevent")
         if fault:
             return _outcome(fault.status, "transient", "injected fault")
-        info, denied = self._bearer(request)
+        info, denied = self._bearer(request, profile)
         if denied or info is None:
             return denied or _outcome(401, "login", "unauthorized")
         if not self._allowed_contexts(info.scopes, "AuditEvent", "create"):
@@ -1283,21 +1762,22 @@ class SandboxEhr:
         created = {**body, "id": new_id, "meta": {"versionId": "1"}}
         with self._lock:
             self.audit_events.append(stored)
-            self._audit_by_id[new_id] = created
+            profile.audit_events.append(stored)
+            self._audit_by_id[new_id] = (profile.name, created)
         return Response(
             json.dumps(created),
             status_code=201,
             media_type=FHIR_JSON,
-            headers={"Location": f"{self.fhir_base}/AuditEvent/{new_id}/_history/1"},
+            headers={"Location": f"{profile.fhir_base}/AuditEvent/{new_id}/_history/1"},
         )
 
     # --- Epic -----------------------------------------------------------------------------------
 
-    async def _epic_status(self, request: Request) -> Response:
+    async def _epic_status(self, request: Request, profile: EhrProfile) -> Response:
         fault = await self._take_fault("epic")
         if fault:
             return JSONResponse({"Message": "injected fault"}, status_code=fault.status)
-        info, denied = self._bearer(request)
+        info, denied = self._bearer(request, profile)
         if denied or info is None:
             return denied or JSONResponse({"Message": "unauthorized"}, status_code=401)
         if info.kind != "system":
@@ -1322,28 +1802,32 @@ class SandboxEhr:
             )
         with self._lock:
             self.epic_status_calls.append(params)
+            profile.epic_status_calls.append(params)
         return JSONResponse({})
 
     # --- the human page ---------------------------------------------------------------------------
 
-    async def _home(self, request: Request) -> Response:
-        config_id = request.query_params.get("config") or self.default_config_id
+    @staticmethod
+    def _config_param(profile: EhrProfile) -> str:
+        return "config" if profile.name == "default" else f"config_{profile.name}"
+
+    def _profile_section(self, profile: EhrProfile, config_id: str | None) -> str:
         rows = []
-        ordered = sorted(seed.APPOINTMENTS.values(), key=lambda a: (a.start(), a.id))
-        for appt in ordered:
+        for appt in profile.appointments():
             patient = seed.PATIENTS[appt.patient_id]
             clinician = seed.PRACTITIONERS[appt.practitioner_id]
             kind = html.escape(appt.visit_type)
-            if appt.conference_id:
+            if appt.conference_id and profile.spec.context != "encounter":
                 kind += ' <span class="badge">group visit</span>'
             if config_id:
                 buttons = []
-                for role, label in _LAUNCH_BUTTONS:
-                    url = self.launch_url(config_id, appointment_id=appt.id, user=role)
+                for role, label in _LAUNCH_BUTTONS[profile.name]:
+                    url = profile.launch_url(config_id, appointment_id=appt.id, user=role)
                     buttons.append(
                         f'<a class="launch" data-role="{role}" '
                         f'data-appointment="{html.escape(appt.id)}" '
-                        f'href="{html.escape(url)}">{html.escape(label)}</a>'
+                        f'href="{html.escape(url)}" data-profile="{profile.name}">'
+                        f"{html.escape(label)}</a>"
                     )
                 actions = "<br>".join(buttons)
             else:
@@ -1354,15 +1838,34 @@ class SandboxEhr:
                 f"<td>{html.escape(patient.name)}</td>"
                 f"<td>{html.escape(clinician.name)}</td><td>{kind}</td><td>{actions}</td></tr>"
             )
-        form = (
-            '<form method="get" action="/"><label>Connector config id '
-            f'<input name="config" value="{html.escape(config_id or "")}"></label> '
-            "<button type=submit>Use</button></form>"
+        heading_id = f"profile-{profile.name}"
+        return (
+            f'<section class="profile" data-profile="{profile.name}" '
+            f'aria-labelledby="{heading_id}">'
+            f'<h2 id="{heading_id}">{html.escape(profile.label)}</h2>'
+            f"<p>FHIR base: <code>{html.escape(profile.fhir_base)}</code><br>"
+            f"OAuth issuer: <code>{html.escape(profile.issuer)}</code><br>"
+            f"Connector config: <code>{html.escape(config_id or '(none)')}</code> "
+            f"(<code>ehrVendor</code> {html.escape(profile.vendor)})</p>"
+            f'<table class="appointments" data-profile="{profile.name}"><thead><tr>'
+            '<th scope="col">Time</th><th scope="col">Patient</th><th scope="col">Clinician</th>'
+            '<th scope="col">Type</th><th scope="col">Virtual visit</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></section>"
         )
-        body = (
-            f"{form}<p>FHIR base: <code>{html.escape(self.fhir_base)}</code></p>"
-            "<table class=appointments><thead><tr><th>Time</th><th>Patient</th>"
-            "<th>Clinician</th><th>Type</th><th>Virtual visit</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>"
+
+    async def _home(self, request: Request) -> Response:
+        configs = {
+            p.name: request.query_params.get(self._config_param(p)) or p.config_id
+            for p in self._profiles.values()
+        }
+        fields = "".join(
+            f"<label>{html.escape(p.label)} config id "
+            f'<input name="{self._config_param(p)}" value="{html.escape(configs[p.name] or "")}">'
+            "</label>"
+            for p in self._profiles.values()
         )
-        return _page("Sandbox EHR — today's appointments", body)
+        form = f'<form method="get" action="/">{fields}<button type=submit>Use</button></form>'
+        sections = "".join(
+            self._profile_section(p, configs[p.name]) for p in self._profiles.values()
+        )
+        return _page("Sandbox EHR — today's appointments", form + sections)

@@ -1,4 +1,7 @@
-"""Fixtures: a fresh sandbox EHR per test over real HTTP, and a client JWKS server."""
+"""Fixtures: a fresh sandbox EHR per test over real HTTP, and a client JWKS server.
+
+The helpers take the ``SandboxEhr`` (its default profile) or any ``EhrProfile``.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +27,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from devtools._serve import ServerThread
-from devtools.sandbox.ehr import SandboxEhr
+from devtools.sandbox.ehr import EhrProfile, SandboxEhr
 
 CONNECTOR_URL = "http://connector.test"
 CLIENT_ID = "connector-client-3f1b"
 LAUNCH_CALLBACK = f"{CONNECTOR_URL}/api/launch/callback"
 SIGNIN_CALLBACK = f"{CONNECTOR_URL}/api/ehr-signin/callback"
+
+Ehr = SandboxEhr | EhrProfile
 
 
 @dataclass
@@ -129,7 +134,7 @@ def query_of(url: str) -> dict[str, str]:
 
 
 def authorize_params(
-    ehr: SandboxEhr,
+    ehr: Ehr,
     challenge: str,
     *,
     launch: str | None = None,
@@ -154,7 +159,7 @@ def authorize_params(
     return params
 
 
-def authorize_code(http: httpx.Client, ehr: SandboxEhr, params: dict[str, str]) -> str:
+def authorize_code(http: httpx.Client, ehr: Ehr, params: dict[str, str]) -> str:
     response = http.get(ehr.authorization_endpoint, params=params)
     assert response.status_code == 302, response.text
     location = response.headers["location"]
@@ -162,12 +167,13 @@ def authorize_code(http: httpx.Client, ehr: SandboxEhr, params: dict[str, str]) 
     query = query_of(location)
     assert query["state"] == params["state"]
     assert "error" not in query, query
+    assert query["iss"] == ehr.issuer  # RFC 9207
     return query["code"]
 
 
 def exchange(
     http: httpx.Client,
-    ehr: SandboxEhr,
+    ehr: Ehr,
     code: str,
     verifier: str,
     *,
@@ -190,7 +196,7 @@ def exchange(
 
 def backend_token(
     http: httpx.Client,
-    ehr: SandboxEhr,
+    ehr: Ehr,
     keys: ClientKeys,
     *,
     scope: str = "system/AuditEvent.c",
@@ -207,8 +213,14 @@ def backend_token(
     )
 
 
-def verify_id_token(http: httpx.Client, ehr: SandboxEhr, id_token: str) -> dict[str, Any]:
-    config = http.get(f"{ehr.fhir_base}/.well-known/openid-configuration").json()
+def verify_id_token(http: httpx.Client, ehr: Ehr, id_token: str) -> dict[str, Any]:
+    """Verifies as a strict relying party does: the issuer from smart-configuration, its keys
+    from OpenID discovery at that issuer, ``iss``/``aud``/``exp``/``iat`` required."""
+    smart = http.get(f"{ehr.fhir_base}/.well-known/smart-configuration").json()
+    issuer = smart["issuer"]
+    assert issuer != ehr.fhir_base
+    config = http.get(f"{issuer.rstrip('/')}/.well-known/openid-configuration").json()
+    assert config["issuer"] == issuer
     jwks = http.get(config["jwks_uri"]).json()
     kid = jwt.get_unverified_header(id_token)["kid"]
     jwk = next(k for k in jwks["keys"] if k["kid"] == kid)
@@ -217,6 +229,7 @@ def verify_id_token(http: httpx.Client, ehr: SandboxEhr, id_token: str) -> dict[
         jwt.PyJWK(jwk).key,
         algorithms=["RS256"],
         audience=CLIENT_ID,
-        issuer=config["issuer"],
+        issuer=issuer,
+        options={"require": ["iss", "sub", "aud", "exp", "iat"]},
     )
     return claims

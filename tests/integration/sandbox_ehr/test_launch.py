@@ -28,7 +28,10 @@ def test_discovery_documents(http: httpx.Client, ehr: SandboxEhr) -> None:
     smart = http.get(f"{ehr.fhir_base}/.well-known/smart-configuration")
     assert smart.status_code == 200
     doc = smart.json()
-    assert doc["issuer"] == ehr.fhir_base
+    # as at real EHRs, the authorization server's issuer is not the FHIR base URL
+    assert doc["issuer"] == ehr.issuer == f"{ehr.base_url}/oauth2"
+    assert doc["issuer"] != ehr.fhir_base
+    assert doc["authorization_response_iss_parameter_supported"] is True
     assert doc["authorization_endpoint"] == ehr.authorization_endpoint
     assert doc["token_endpoint"] == ehr.token_endpoint
     assert "private_key_jwt" in doc["token_endpoint_auth_methods_supported"]
@@ -45,6 +48,15 @@ def test_discovery_documents(http: httpx.Client, ehr: SandboxEhr) -> None:
     } <= set(doc["capabilities"])
     jwks = http.get(doc["jwks_uri"]).json()
     assert jwks["keys"][0]["kty"] == "RSA" and "d" not in jwks["keys"][0]
+    # OpenID discovery at the issuer, and (as Epic does) at the FHIR base: the same issuer
+    for url in (
+        f"{ehr.issuer}/.well-known/openid-configuration",
+        f"{ehr.fhir_base}/.well-known/openid-configuration",
+    ):
+        oidc = http.get(url).json()
+        assert oidc["issuer"] == ehr.issuer
+        assert oidc["jwks_uri"] == doc["jwks_uri"]
+        assert oidc["authorization_response_iss_parameter_supported"] is True
 
     metadata = http.get(f"{ehr.fhir_base}/metadata")
     assert metadata.status_code == 200
@@ -177,6 +189,7 @@ def test_standalone_signin_page(http: httpx.Client, ehr: SandboxEhr) -> None:
     query = query_of(redirect.headers["location"])
     assert redirect.headers["location"].startswith(SIGNIN_CALLBACK)
     assert query["state"] == params["state"]
+    assert query["iss"] == ehr.issuer
     assert http.get(link).status_code == 400  # the sign-in request is single-use
 
     token = exchange(http, ehr, query["code"], verifier, redirect_uri=SIGNIN_CALLBACK)
@@ -197,12 +210,14 @@ def test_access_denied_three_ways(http: httpx.Client, ehr: SandboxEhr) -> None:
         "error": "access_denied",
         "error_description": "The user denied the request",
         "state": params["state"],
+        "iss": ehr.issuer,
     }
     # 2. a launch made with deny=True
     launch = ehr.make_launch(appointment_id=CLINIC_APPT.id, user="clinician", deny=True)
     params = authorize_params(ehr, challenge, launch=launch)
     response = http.get(ehr.authorization_endpoint, params=params)
     assert query_of(response.headers["location"])["error"] == "access_denied"
+    assert query_of(response.headers["location"])["iss"] == ehr.issuer
     # 3. an injected fault
     ehr.fail_next("authorize")
     params = authorize_params(
@@ -212,6 +227,7 @@ def test_access_denied_three_ways(http: httpx.Client, ehr: SandboxEhr) -> None:
     assert response.status_code == 302
     assert query_of(response.headers["location"])["error"] == "access_denied"
     assert query_of(response.headers["location"])["state"] == params["state"]
+    assert query_of(response.headers["location"])["iss"] == ehr.issuer
     assert http.get(ehr.authorization_endpoint, params=params).status_code == 302
     assert "code" in query_of(
         http.get(ehr.authorization_endpoint, params=params).headers["location"]
@@ -305,6 +321,7 @@ def test_authorize_errors_redirect_with_state(
     query = query_of(response.headers["location"])
     assert query["error"] == error
     assert query["state"] == params["state"]
+    assert query["iss"] == ehr.issuer  # RFC 9207: error responses too
     assert "code" not in query
 
 
