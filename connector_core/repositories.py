@@ -326,6 +326,22 @@ class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
         self._delete(subscription_id)
         self._store.delete_entity(self._table, self._INDEX, subscription_id)
 
+    # A subscription being created: written before Graph is asked (Graph may notify before the
+    # record above exists), keyed by the id carried in its clientState, deleted once the record
+    # is stored. Never in the index. Partition "pending-<id>" cannot meet a Graph id (a GUID).
+    @staticmethod
+    def _pending_key(pending_id: str) -> str:
+        return f"pending-{pending_id}"
+
+    def put_pending(self, pending_id: str, subscription: GraphSubscription) -> None:
+        self._upsert(self._pending_key(pending_id), subscription)
+
+    def get_pending(self, pending_id: str) -> Versioned[GraphSubscription]:
+        return self._get(self._pending_key(pending_id))
+
+    def delete_pending(self, pending_id: str) -> None:
+        self._delete(self._pending_key(pending_id))
+
     def list_ids(self) -> list[str]:
         """Ids of every stored subscription (from the index partition)."""
         rows = self._store.list_entities(self._table, partition_key=self._INDEX)

@@ -7,7 +7,9 @@
   call is made here: Graph wants an answer within 3 seconds.
 
 ``presence_worker`` (queue ``presence-events``) writes participant state and the EHR write-back;
-``presence_renewal`` (every 5 minutes) keeps live visits' subscriptions from expiring.
+``subscription_worker`` (queue ``meeting-subscriptions``) creates a new meeting's call-event
+subscription after the launch has answered; ``presence_renewal`` (every 5 minutes) keeps live
+visits' subscriptions from expiring.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from connector_core.service.presence import (
     process_message,
     renew_subscriptions,
 )
+from connector_core.service.subscriptions import SUBSCRIPTION_QUEUE, process_subscription_message
 from functions._http import api
 
 bp = func.Blueprint()
@@ -98,6 +101,16 @@ def presence_worker(msg: func.QueueMessage) -> None:
                 dequeue_count=msg.dequeue_count,
             )
             raise
+
+
+@bp.queue_trigger(arg_name="msg", queue_name=SUBSCRIPTION_QUEUE, connection="CONNECTOR_STORAGE")
+def subscription_worker(msg: func.QueueMessage) -> None:
+    with use_correlation_id(new_correlation_id()):
+        # Retries with backoff and the poison queue are the service's own; an exception here
+        # means even that failed, and the host redelivers the message.
+        process_subscription_message(
+            get_container(), msg.get_body().decode("utf-8", errors="replace")
+        )
 
 
 @bp.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)

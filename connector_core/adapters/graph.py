@@ -228,10 +228,13 @@ class GraphClient:
                 graphStatus=status,
             )
         if status in (429, 503):
+            header = response.headers.get("retry-after", "")
             return GraphError(
                 "Microsoft Teams is busy right now.",
                 reason="throttled",
                 graphStatus=status,
+                # What Graph asked for (a queue retry waits at least this long).
+                retryAfter=int(header) if header.isdigit() else None,
                 action="Wait a minute and start the visit again from the EHR.",
             )
         log_event(_log, "graph.failed", what=what, status=status, code=code[:40] or "-")

@@ -9,7 +9,7 @@ Flow (DESIGN.md section 5, "Launch")::
         state: sealed, bound to this browser, single use, issued for this issuer; code exchange;
         id_token (fhirUser) verified; launch context -> visit key
         provider: mapping EHR user -> Entra oid; none (or no longer working) -> Entra sign-in;
-                  else createOrGet the meeting (+ its call-event subscription) -> joinWebUrl
+                  else createOrGet the meeting (its subscription: queued) -> joinWebUrl
         patient:  the visit's meeting as a browser guest; or, the visit's clinician being mapped,
                   create it as them; else a waiting page that polls GET launch/wait
     GET launch/sso-callback?code&state                    complete_sso
@@ -22,8 +22,9 @@ Trade-off (documented in README): approved configs (30 s) and EHR user mappings 
 cached in-process (``LaunchCache``), and the callback works from a sealed snapshot of the config
 taken when the launch started (at most 10 minutes earlier). A config sent back for approval or
 deleted stops new launches within 30 s on a worker that served it recently. This keeps a repeat
-clinician's launch of a new visit at 4 table operations (state nonce, subscription record and
-its index row, visit).
+clinician's launch of a new visit at 2 table operations (state nonce, visit) and one queue
+message: the meeting's Graph subscription is created by the ``meeting-subscriptions`` worker
+(``service/subscriptions.py``), not while the clinician waits.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from connector_core.errors import (
     PermissionDeniedError,
 )
 from connector_core.logs import get_logger, log_event
-from connector_core.service.subscriptions import ensure_subscription, try_create_subscription
+from connector_core.service.subscriptions import request_subscription
 from connector_core.ttl_cache import TtlCache
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ WAIT_COOKIE = "__Host-vv-wait"
 VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live participants view
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
-VISIT_WAIT_SECONDS = 3.0  # a racing launch waits this long for the meeting creator's visit
+# A launch of a visit created this recently does not ask for its subscription again.
+SUBSCRIPTION_GRACE = timedelta(seconds=30)
 _CONFIG_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PROVIDER_USER_TYPES = ("Practitioner", "PractitionerRole")
 _PATIENT_USER_TYPES = ("Patient", "RelatedPerson", "Person")
@@ -118,7 +120,9 @@ class LaunchRole(StrEnum):
 @dataclass(frozen=True)
 class SetCookie:
     """A ``__Host-`` cookie to set (``max_age`` 0 deletes it): Path=/, Secure, HttpOnly and
-    SameSite=None, so launches also work inside an EHR's cross-site iframe."""
+    SameSite=None, so launches also work inside an EHR's cross-site iframe; a frame navigation
+    also gets it set by script as a partitioned cookie (functions/launch.py). Name and value
+    must be plain RFC 6265 (token; cookie-octets): the HTTP layer refuses anything else."""
 
     name: str
     value: str
@@ -722,32 +726,26 @@ def _get_visit(container: Container, key: str) -> Visit | None:
         return None
 
 
-def _await_visit(container: Container, key: str) -> Visit | None:
-    """The visit record once another launch has written it; ``None`` after
-    ``VISIT_WAIT_SECONDS`` (that launch failed: this one creates what is missing)."""
-    deadline = time.monotonic() + VISIT_WAIT_SECONDS
-    pause = 0.05
-    while time.monotonic() + pause < deadline:
-        time.sleep(pause)
-        visit = _get_visit(container, key)
-        if visit is not None:
-            return visit
-        pause = min(pause * 2, 0.5)
-    return None
-
-
-def _ensure_subscription_quietly(container: Container, visit: Visit) -> None:
+def _subscription_if_missing(
+    container: Container, visit: Visit, *, fresh_visit: bool = False
+) -> None:
+    """A visit whose meeting has no live subscription gets one from the queue worker (off the
+    clinician's path; the worker is idempotent, so a duplicate request costs nothing)."""
     now = container.clock()
     if visit.subscription_id is not None and (
         visit.subscription_expires_at is None or visit.subscription_expires_at > now
     ):
         return
+    if fresh_visit is False and now - visit.created_at < SUBSCRIPTION_GRACE:
+        return  # its creator asked a moment ago; the worker is on it
     try:
-        ensure_subscription(container, visit.visit_key)
-    except ConnectorError as error:
+        request_subscription(
+            container, visit.visit_key, reason="new_meeting" if fresh_visit else "missing"
+        )
+    except ConnectorError as error:  # the next launch or the renewal timer asks again
         log_event(
             _log,
-            "launch.subscription_retry_failed",
+            "launch.subscription_request_failed",
             level=logging.WARNING,
             visit_key=visit.visit_key,
             error=type(error).__name__,
@@ -768,7 +766,7 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         # all join the meeting that exists (createOrGet is per organizer).
         existing = _get_visit(container, pending.visit_key)
         if existing is not None and existing.join_web_url:
-            _ensure_subscription_quietly(container, existing)
+            _subscription_if_missing(container, existing)
             return existing
     now = container.clock()
     try:
@@ -784,21 +782,12 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         raise _graph_page_error(error) from None
     _safe_location(container, meeting.join_web_url, "meeting link")
     if not meeting.created and not read_first:
+        # Another launch of this visit may have created the meeting a moment ago and not yet
+        # written the visit: then this launch writes it (a create that loses is harmless).
         existing = _get_visit(container, pending.visit_key)
-        if existing is None:
-            # Another launch of this visit created the meeting a moment ago and is creating
-            # its subscription and visit record: wait for those (bounded) rather than create a
-            # second subscription only to discard it.
-            existing = _await_visit(container, pending.visit_key)
         if existing is not None and existing.join_web_url:
-            _ensure_subscription_quietly(container, existing)
+            _subscription_if_missing(container, existing)
             return existing
-    subscription = try_create_subscription(
-        container,
-        visit_key=pending.visit_key,
-        tenant_id=pending.cfg.tenant_id,
-        join_web_url=meeting.join_web_url,
-    )
     visit = Visit(
         visit_key=pending.visit_key,
         region=container.settings.region,
@@ -807,8 +796,6 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         meeting_id=meeting.id,
         join_web_url=meeting.join_web_url,
         organizer_oid=organizer_oid,
-        subscription_id=subscription[0] if subscription else None,
-        subscription_expires_at=subscription[1] if subscription else None,
         sealed_context=pending.sealed_context,
         created_at=now,
         updated_at=now,
@@ -816,21 +803,17 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
     )
     try:
         container.visits.create(visit)
-        return visit
     except ConflictError:
         pass
+    else:
+        _subscription_if_missing(container, visit, fresh_visit=True)
+        return visit
     # Someone created the visit meanwhile (the patient's launch, another clinician): theirs wins.
     existing = container.visits.get(pending.visit_key).record
-    if subscription is not None and existing.subscription_id != subscription[0]:
-        from connector_core.service.subscriptions import discard_subscription
-
-        discard_subscription(
-            container, tenant_id=pending.cfg.tenant_id, subscription_id=subscription[0]
-        )
     if existing.join_web_url != meeting.join_web_url:
         log_event(_log, "launch.duplicate_meeting", visit_key=pending.visit_key)
     if existing.join_web_url:
-        _ensure_subscription_quietly(container, existing)
+        _subscription_if_missing(container, existing)
         return existing
     return visit
 

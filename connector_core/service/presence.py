@@ -151,6 +151,22 @@ class PresenceRuntime:
         self._cache.put(subscription_id, info, ttl=ttl)
         return info
 
+    def pending(
+        self, container: Container, subscription_id: str, client_state: Any
+    ) -> _SubscriptionInfo | None:
+        """A subscription Graph notifies about before its record is stored, found through the
+        pending id in its ``clientState`` (``subscriptions.resolve_pending``); remembered under
+        the Graph id, so the next notifications take the cached path."""
+        from connector_core.service.subscriptions import resolve_pending
+
+        found = resolve_pending(container, client_state)
+        if found is None:
+            return None
+        info = _SubscriptionInfo(found.visit_key, found.tenant_id, found.client_state)
+        self._cache.put(subscription_id, info, ttl=self.options.subscription_cache_seconds)
+        log_event(_log, "presence.subscription_pending_match", visit_key=found.visit_key)
+        return info
+
     def forget(self, subscription_id: str) -> None:
         self._cache.forget(subscription_id)
 
@@ -304,13 +320,25 @@ def _items(body: Any) -> list[Any]:
     return items
 
 
-def _check_item(container: Container, item: Any) -> tuple[str, _SubscriptionInfo]:
+# Unknown subscription ids whose clientState names a pending subscription: at most this many
+# pending-record reads per request (unauthenticated input must not buy unbounded storage work).
+MAX_PENDING_LOOKUPS = 4
+
+
+def _check_item(
+    container: Container, item: Any, budget: list[int] | None = None
+) -> tuple[str, _SubscriptionInfo]:
     if not isinstance(item, Mapping):
         raise InvalidInputError("A notification is not an object.")
     subscription_id = item.get("subscriptionId")
     if not isinstance(subscription_id, str) or not subscription_id or len(subscription_id) > 128:
         raise InvalidInputError("A notification has no subscriptionId.")
     info = container.presence.subscription(container, subscription_id)
+    if info is None and budget is not None and budget[0] > 0:
+        # Graph may notify before the subscription's record is stored (it is written right
+        # after Graph answers the create): the pending record written before answers instead.
+        budget[0] -= 1
+        info = container.presence.pending(container, subscription_id, item.get("clientState"))
     if info is None:
         raise NotFoundError("The notification is for a subscription this deployment does not hold.")
     given = item.get("clientState")
@@ -324,8 +352,10 @@ def _check_item(container: Container, item: Any) -> tuple[str, _SubscriptionInfo
     return subscription_id, info
 
 
-def _call_message(container: Container, item: Mapping[str, Any]) -> PresenceMessage:
-    subscription_id, info = _check_item(container, item)
+def _call_message(
+    container: Container, item: Mapping[str, Any], budget: list[int]
+) -> PresenceMessage:
+    subscription_id, info = _check_item(container, item, budget)
     encrypted = item.get("encryptedContent")
     if encrypted is not None:
         resource = container.notification_crypto.decrypt(encrypted)
@@ -372,13 +402,14 @@ def accept_notifications(container: Container, body: Any) -> AcceptResult:
     """
     dropped = 0
     messages: list[PresenceMessage] = []
+    budget = [MAX_PENDING_LOOKUPS]
     for index, item in enumerate(_items(body)):
         is_lifecycle = isinstance(item, Mapping) and "lifecycleEvent" in item
         try:
             message = (
                 _lifecycle_message(container, item)
                 if is_lifecycle
-                else _call_message(container, item)
+                else _call_message(container, item, budget)
             )
         except (InvalidInputError, AuthenticationError, NotFoundError) as error:
             dropped += 1

@@ -29,6 +29,7 @@ carries ``validationTokens``; otherwise its properties are in ``resourceData``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import html
@@ -344,6 +345,7 @@ class SandboxGraph:
         self._faults: list[_Fault] = []
         self._duplicate = 0
         self._reorder_armed = False
+        self._early_join: Role | None = None
         self._held: Delivery | None = None
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -406,6 +408,30 @@ class SandboxGraph:
             retry_after = 1
         with self._lock:
             self._faults.append(_Fault(path_substring, status, retry_after, count))
+
+    def join_during_next_create(self, role: Role = "guest") -> None:
+        """At the next subscription create, someone joins the meeting after the subscription
+        exists but before Graph answers the create, and the notification is delivered before
+        the answer: the subscriber sees an event for a subscription id it has not been told
+        yet (Microsoft Graph gives no ordering guarantee between the two)."""
+        with self._lock:
+            self._early_join = role
+
+    def _join_and_wait_delivered(self, subscription_id: str, meeting_id: str, role: Role) -> None:
+        with self._cond:
+            before = len(self.deliveries)
+        self.join(meeting_id, role)
+        deadline = time.monotonic() + 15
+        with self._cond:
+            while time.monotonic() < deadline:
+                mine = [
+                    d
+                    for d in self.deliveries[before:]
+                    if d.subscription_id == subscription_id and d.kind == "notification"
+                ]
+                if mine and all(d.done for d in mine):
+                    return
+                self._cond.wait(0.1)
 
     def duplicate_next(self, count: int = 1) -> None:
         """Deliver each of the next ``count`` change notifications twice (at-least-once)."""
@@ -511,6 +537,7 @@ class SandboxGraph:
             self._duplicate = 0
             self._reorder_armed = False
             self._held = None
+            self._early_join = None
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -1210,6 +1237,9 @@ class SandboxGraph:
         )
         with self._lock:
             self.subscriptions[sub.id] = sub
+            early, self._early_join = self._early_join, None
+        if early is not None:
+            await asyncio.to_thread(self._join_and_wait_delivered, sub.id, meeting.id, early)
         return JSONResponse(sub.to_json(self.url), status_code=201)
 
     async def _validate_endpoint(self, url: str) -> None:

@@ -223,6 +223,22 @@ class World:
             )
         )
 
+    def run_subscription_worker(self, limit: int | None = None) -> int:
+        """Process what launches put on the ``meeting-subscriptions`` queue (as the queue
+        worker does after the launch answered; delays are not simulated), at most ``limit``
+        messages; returns the number processed."""
+        from connector_core.service.subscriptions import (
+            SUBSCRIPTION_QUEUE,
+            process_subscription_message,
+        )
+
+        queue = self.container.queue.queues[SUBSCRIPTION_QUEUE]  # type: ignore[attr-defined]
+        count = 0
+        while queue and (limit is None or count < limit):
+            process_subscription_message(self.container, queue.popleft())
+            count += 1
+        return count
+
     def launch(self, role: LaunchRole = LaunchRole.PROVIDER) -> LaunchResult:
         return self.callback(state_of(self.start(role)))
 

@@ -286,6 +286,8 @@ def test_first_launch_signs_in_then_meeting_and_second_launch_goes_straight(worl
     assert join.startswith("https://teams.example/l/meetup-join/")
     assert SSO_COOKIE not in world.jar
     assert VISIT_COOKIE in world.jar
+    assert world.graph.calls == ["createOrGet"]  # the subscription is the queue worker's job
+    assert world.run_subscription_worker() == 1
     assert world.graph.calls == ["createOrGet", "subscription"]
     mapping = world.container.mappings.get(
         __import__("connector_core.domain.visit_keys", fromlist=["x"]).ehr_user_key(
@@ -299,28 +301,33 @@ def test_first_launch_signs_in_then_meeting_and_second_launch_goes_straight(worl
     assert world.graph.calls == ["createOrGet", "subscription", "createOrGet"]
 
 
-def test_repeat_clinician_new_visit_warm_path_is_four_table_operations(world: World) -> None:
+def test_repeat_clinician_new_visit_warm_path_is_two_table_operations(world: World) -> None:
     world.map_clinician()
     world.launch()  # warms the config cache
+    world.run_subscription_worker()
     world.smart.context["fhirContext"] = [{"reference": "Appointment/another"}]
     world.graph.calls.clear()
     before = world.ops
     result = world.launch()
     assert result.redirect and result.redirect.startswith("https://teams.example/")
-    # state nonce, subscription record + its index row, visit (config and mapping cached)
-    assert world.ops - before == 4
+    # state nonce and visit (config and mapping cached); the subscription is only queued
+    assert world.ops - before == 2
+    assert world.graph.calls == ["createOrGet"]
+    assert world.run_subscription_worker() == 1
     assert world.graph.calls == ["createOrGet", "subscription"]
-    # and when the meeting exists: nonce, visit read; createOrGet only
+    # and when the meeting exists: nonce, visit read; createOrGet only, nothing queued
     world.graph.calls.clear()
     before = world.ops
     world.launch()
     assert world.ops - before == 2
     assert world.graph.calls == ["createOrGet"]
+    assert world.run_subscription_worker() == 0
 
 
 def test_visit_record_holds_keys_and_sealed_refs_only(world: World) -> None:
     world.map_clinician()
     world.launch()
+    world.run_subscription_worker()
     dump = json.dumps(world.container.store.dump())  # type: ignore[attr-defined]
     for value in SENSITIVE:
         assert value not in dump
@@ -338,14 +345,66 @@ def test_visit_record_holds_keys_and_sealed_refs_only(world: World) -> None:
     assert client_state_of(world.container, sub) == world.graph.subscriptions[sub.subscription_id]
 
 
-def test_subscription_failure_does_not_block_and_is_retried_next_launch(world: World) -> None:
+def test_subscription_failure_does_not_block_and_is_retried_with_backoff(world: World) -> None:
     world.map_clinician()
-    world.graph.subscription_error = GraphError("validation failed", reason="failed")
-    assert world.launch().redirect
+    world.graph.subscription_error = GraphError(
+        "Microsoft Teams is busy right now.", reason="throttled", graphStatus=429, retryAfter=7
+    )
+    assert world.launch().redirect  # the clinician is in the meeting already
+    queue = world.container.queue
+    sent: list[tuple[str, int | None]] = []
+    original = queue.send_message
+
+    def record(name: str, body: str, *, visibility_timeout: int | None = None) -> None:
+        sent.append((name, visibility_timeout))
+        original(name, body, visibility_timeout=visibility_timeout)
+
+    queue.send_message = record  # type: ignore[method-assign]
+    world.run_subscription_worker(limit=2)  # the first try, then the first retry
+    # Retry-After (7 s) outranks the first backoff step (2 s), then the second step (10 s)
+    assert sent == [("meeting-subscriptions", 7), ("meeting-subscriptions", 10)]
     world.graph.subscription_error = None
-    world.launch()
-    assert world.graph.calls.count("subscription") == 2
+    assert world.run_subscription_worker() == 1
     assert len(world.graph.subscriptions) == 1
+    key = visit_key(
+        world.container.keyring, world.config.id, VisitIdentifier("appointment", APPOINTMENT_ID)
+    )
+    assert world.container.visits.get(key).record.subscription_id in world.graph.subscriptions
+    assert not queue.queues["meeting-subscriptions-poison"]  # type: ignore[attr-defined]
+
+
+def test_subscription_retries_end_in_the_poison_queue_with_the_reason(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    world.map_clinician()
+    world.graph.subscription_error = GraphError("busy", reason="throttled", graphStatus=503)
+    world.launch()
+    assert world.run_subscription_worker() == 6  # first try + 5 retries
+    poison = world.container.queue.queues["meeting-subscriptions-poison"]  # type: ignore[attr-defined]
+    assert len(poison) == 1 and "visitKey" in poison[0]
+    assert "subscription.poisoned" in caplog.text and "retries exhausted" in caplog.text.replace(
+        "_", " "
+    )
+
+
+def test_a_permanent_graph_refusal_is_poisoned_at_once(world: World) -> None:
+    world.map_clinician()
+    world.graph.subscription_error = GraphError(
+        "no policy", reason="application_access_policy", graphStatus=403
+    )
+    world.launch()
+    assert world.run_subscription_worker() == 1
+    poison = world.container.queue.queues["meeting-subscriptions-poison"]  # type: ignore[attr-defined]
+    assert len(poison) == 1
+
+
+def test_a_request_for_a_deleted_visit_is_dropped(world: World) -> None:
+    from connector_core.service.subscriptions import request_subscription
+
+    request_subscription(world.container, "no-such-visit", reason="test")
+    assert world.run_subscription_worker() == 1
+    assert world.graph.calls == []
+    assert not world.container.queue.queues["meeting-subscriptions-poison"]  # type: ignore[attr-defined]
 
 
 def test_mapping_cached_by_another_worker_is_re_read_before_signing_in_again(

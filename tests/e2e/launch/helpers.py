@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -136,3 +137,26 @@ def patient_launch(
 ) -> Landing:
     url = stack.sandbox.ehr.launch_url(config.id, appointment_id=appointment_id, user="patient")
     return Landing(browser.get(url))
+
+
+def subscriptions_when_settled(
+    stack: Stack, meeting_id: str, *, timeout: float = 20.0
+) -> list[Any]:
+    """The meeting's Graph subscriptions once the ``meeting-subscriptions`` worker has created
+    one (it runs after the launch answered) and no request for it is left in the queue."""
+    import time
+
+    from azure.storage.queue import QueueClient
+
+    from connector_core.service.subscriptions import SUBSCRIPTION_QUEUE
+
+    queue = QueueClient.from_connection_string(stack.azurite.connection_string, SUBSCRIPTION_QUEUE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = stack.sandbox.graph.subscriptions_for(meeting_id)
+        # the count includes messages being processed (invisible)
+        if found and queue.get_queue_properties().approximate_message_count == 0:
+            time.sleep(0.3)  # a racing worker's discard settles
+            return list(stack.sandbox.graph.subscriptions_for(meeting_id))
+        time.sleep(0.1)
+    raise AssertionError(f"no subscription for the meeting within {timeout} s")

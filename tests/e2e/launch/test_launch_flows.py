@@ -21,6 +21,7 @@ from tests.e2e.launch.helpers import (
     own_config,
     patient_launch,
     set_mapping,
+    subscriptions_when_settled,
 )
 from tests.stack import Stack
 
@@ -85,8 +86,8 @@ def test_clinician_first_launch_signs_in_second_goes_straight_and_patient_joins(
     assert patient.mode == "guest"
     assert "anon=true" in str(patient.response.url)
 
-    # the meeting's call events are subscribed, once
-    subscriptions = s.sandbox.graph.subscriptions_for(first.meeting_id)
+    # the meeting's call events are subscribed, once, by the queue worker after the launch
+    subscriptions = subscriptions_when_settled(s, first.meeting_id)
     assert len(subscriptions) == 1
     assert subscriptions[0].include_resource_data
     assert subscriptions[0].notification_url == f"{s.url}/api/presence"
