@@ -5,12 +5,19 @@ GET /api/launch/callback?code&state (or error)   GET /api/launch/sso-callback?co
 GET /api/launch/wait                              (the patient's waiting page polls here)
 
 Thin: parse the request, call connector_core.service.launch, answer a 302 (Location checked by
-the service), the waiting page, or (via ``@browser``) the friendly error page.
+the service), the waiting page, or (via ``@browser``) the friendly error page. These routes work
+inside an EHR's cross-site iframe: ``SameSite=None`` cookies, ``frame-ancestors *``, and for a
+frame navigation (``Sec-Fetch-Dest: iframe``) that sets cookies, a small page that also sets them
+as partitioned cookies by script before it moves on (see ``FRAME_COOKIE_ATTRIBUTES``).
 """
 
 from __future__ import annotations
 
+import functools
 import html
+import json
+import secrets
+from urllib.parse import urlsplit
 
 import azure.functions as func
 
@@ -19,17 +26,44 @@ from connector_core.logs import correlation_id
 from connector_core.service.launch import (
     LaunchResult,
     LaunchRole,
+    SetCookie,
     complete_launch,
     complete_sso,
     poll_waiting,
     start_launch,
 )
-from functions._http import browser
+from functions._http import Handler, browser
 
 bp = func.Blueprint()
 
 WAIT_REFRESH_SECONDS = 5
 _NO_STORE = "no-store"
+# EHRs open launches in embedded browsers, at times in a cross-site iframe (Epic Hyperdrive),
+# where a SameSite=Lax cookie is never stored: SameSite=None lets the frame keep it wherever the
+# browser allows third-party cookies. Not Partitioned (CHIPS) here, which would also work where
+# they are blocked: the Functions Python worker parses Set-Cookie with http.cookies, which drops a
+# cookie carrying it, and the host's cookie model has no such flag (test_launch_cookie_worker.py).
+# Framed responses set the same cookies again by script, partitioned (FRAME_COOKIE_ATTRIBUTES).
+# The binding is unchanged: the cookie carries a secret whose hash is sealed in the single-use
+# state, so sending it cross-site gives another site nothing it could use.
+COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=None"
+# Where third-party cookies are blocked (a new Chromium profile's default), a frame keeps only
+# partitioned cookies, which a header cannot carry through Azure (above): a frame navigation gets
+# a page whose nonce'd script sets each cookie with the same name and value, partitioned to the
+# EHR's site, then replaces itself with the redirect target. The server reads them unchanged.
+# Trade-off: a cookie set by script cannot be HttpOnly; these values are a random binding secret
+# or sealed, short-lived blobs, and our launch pages run no script but that nonce'd one.
+FRAME_COOKIE_ATTRIBUTES = "Path=/; Secure; SameSite=None; Partitioned"
+# Fetch Metadata destinations of a frame navigation (a top-level one is "document").
+FRAME_DESTINATIONS = frozenset({"iframe", "frame"})
+# Nothing to clickjack (302s, a passive waiting page, text-only errors): any EHR may frame these.
+_LAUNCH_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors *"
+# RFC 6265 cookie-name (token) and cookie-value (cookie-octets): nothing that could add an
+# attribute, end the header or leave a JavaScript string.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_COOKIE_OCTETS = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset('",;\\')
+_PAGE_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;
+padding:0 1rem;color:#222}h1{font-size:1.4rem}.cid{color:#666;font-size:.85rem}</style>"""
 
 
 def _cookies(req: func.HttpRequest) -> dict[str, str]:
@@ -46,18 +80,68 @@ def _query(req: func.HttpRequest) -> dict[str, str]:
     return {k: v for k, v in req.params.items() if isinstance(v, str)}
 
 
-def _set_cookie(name: str, value: str, max_age: int) -> str:
-    return f"{name}={value}; Max-Age={max_age}; Path=/; Secure; HttpOnly; SameSite=Lax"
+def _in_frame(req: func.HttpRequest) -> bool:
+    """A frame navigation, by Fetch Metadata (browsers send it to https and loopback origins)."""
+    return req.headers.get("sec-fetch-dest", "").strip().lower() in FRAME_DESTINATIONS
 
 
-def _waiting_page() -> str:
+def _cookie_pair(cookie: SetCookie) -> str:
+    """``name=value``, refused unless both are plain RFC 6265 (never CR/LF, ``;`` or quotes)."""
+    if not cookie.name or not set(cookie.name) <= _TOKEN or not set(cookie.value) <= _COOKIE_OCTETS:
+        raise ValueError("cookie name or value outside RFC 6265")
+    return f"{cookie.name}={cookie.value}"
+
+
+def _set_cookie(cookie: SetCookie) -> str:
+    return f"{_cookie_pair(cookie)}; Max-Age={int(cookie.max_age)}; {COOKIE_ATTRIBUTES}"
+
+
+def _script_cookie(cookie: SetCookie) -> str:
+    """The same cookie for ``document.cookie``, partitioned (``Max-Age=0`` deletes it)."""
+    return f"{_cookie_pair(cookie)}; Max-Age={int(cookie.max_age)}; {FRAME_COOKIE_ATTRIBUTES}"
+
+
+def _script_json(value: object) -> str:
+    """JSON that cannot end the ``<script>`` element or break a JavaScript string."""
+    text = json.dumps(value, ensure_ascii=True)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+        text = text.replace(char, escaped)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _frameable(handler: Handler) -> Handler:
+    """Outside ``@browser``, so its error pages can show inside the EHR's frame too."""
+
+    @functools.wraps(handler)
+    def wrapper(req: func.HttpRequest) -> func.HttpResponse:
+        response = handler(req)
+        if "Content-Security-Policy" not in response.headers:  # a framed page sets its own
+            response.headers["Content-Security-Policy"] = _LAUNCH_CSP
+        return response
+
+    return wrapper
+
+
+def _cookie_script(cookies: tuple[SetCookie, ...], redirect: str | None, nonce: str) -> str:
+    """Sets ``cookies`` as partitioned cookies, then (if given) replaces the page with
+    ``redirect``: the service's checked target, as data, never from the request."""
+    lines = [
+        f"var c={_script_json([_script_cookie(c) for c in cookies])};",
+        "c.forEach(function(v){document.cookie=v;});",
+    ]
+    if redirect is not None:
+        lines.append(f"location.replace({_script_json(redirect)});")
+    body = "\n".join(lines)
+    return f'<script nonce="{nonce}">\n{body}\n</script>'
+
+
+def _waiting_page(script: str = "") -> str:
     refresh = f"{WAIT_REFRESH_SECONDS};url=/api/launch/wait"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Your video visit will start soon</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="refresh" content="{html.escape(refresh)}">
-<style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem;
-color:#222}}h1{{font-size:1.4rem}}.cid{{color:#666;font-size:.85rem}}</style></head>
+{_PAGE_STYLE}{script}</head>
 <body><h1>Your video visit will start soon</h1>
 <p class="waiting">Your care team has not started the video visit yet. Keep this page open:
 it checks every few seconds and takes you to the visit as soon as it starts.</p>
@@ -66,20 +150,52 @@ it checks every few seconds and takes you to the visit as soon as it starts.</p>
 </body></html>"""
 
 
-def _respond(result: LaunchResult) -> func.HttpResponse:
-    headers = {"Cache-Control": _NO_STORE, "Referrer-Policy": "no-referrer"}
-    if result.redirect is not None:
-        if any(c in result.redirect for c in "\r\n"):  # belt and braces: never split headers
+def _continue_page(redirect: str, script: str) -> str:
+    """A framed redirect: the script moves on at once; without script, a link (the cookies are
+    then only those the browser kept from the ``Set-Cookie`` headers)."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Opening your video visit</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{_PAGE_STYLE}{script}</head>
+<body><h1>Opening your video visit</h1>
+<noscript><p class="noscript">This page needs JavaScript to continue inside your health record.
+<a href="{html.escape(redirect, quote=True)}">Continue</a></p></noscript>
+<p class="cid">Reference: <code>{html.escape(correlation_id())}</code></p>
+</body></html>"""
+
+
+def _respond(result: LaunchResult, *, framed: bool = False) -> func.HttpResponse:
+    """A 302 (or the waiting page) with the cookies as ``Set-Cookie`` headers. ``framed`` (a
+    frame navigation) with cookies to set: a 200 page whose nonce'd script also sets them,
+    partitioned, then goes to the same redirect target; its CSP allows only that script."""
+    headers = {
+        "Cache-Control": _NO_STORE,
+        "Referrer-Policy": "no-referrer",
+        "Vary": "Sec-Fetch-Dest",
+    }
+    redirect = result.redirect
+    if redirect is not None:
+        if any(c in redirect for c in "\r\n"):  # belt and braces: never split headers
             raise ValueError("redirect target contains a line break")
+        if urlsplit(redirect).scheme.lower() not in ("https", "http"):  # never javascript:
+            raise ValueError("redirect target is not an http(s) URL")
+    set_cookies = [_set_cookie(cookie) for cookie in result.cookies]
+    if framed and result.cookies:
+        nonce = secrets.token_urlsafe(18)
+        script = _cookie_script(result.cookies, redirect, nonce)
+        page = _waiting_page(script) if redirect is None else _continue_page(redirect, script)
+        headers["Content-Security-Policy"] = f"{_LAUNCH_CSP}; script-src 'nonce-{nonce}'"
         response = func.HttpResponse(
-            status_code=302, headers={**headers, "Location": result.redirect}
+            page, status_code=200, mimetype="text/html", charset="utf-8", headers=headers
         )
+    elif redirect is not None:
+        response = func.HttpResponse(status_code=302, headers={**headers, "Location": redirect})
     else:
         response = func.HttpResponse(
             _waiting_page(), status_code=200, mimetype="text/html", charset="utf-8", headers=headers
         )
-    for cookie in result.cookies:
-        response.headers.add("Set-Cookie", _set_cookie(cookie.name, cookie.value, cookie.max_age))
+    for set_cookie in set_cookies:
+        response.headers.add("Set-Cookie", set_cookie)
     return response
 
 
@@ -91,7 +207,7 @@ def _start(req: func.HttpRequest, role: LaunchRole) -> func.HttpResponse:
         iss=req.params.get("iss"),
         launch=req.params.get("launch"),
     )
-    return _respond(result)
+    return _respond(result, framed=_in_frame(req))
 
 
 @bp.route(
@@ -99,6 +215,7 @@ def _start(req: func.HttpRequest, role: LaunchRole) -> func.HttpResponse:
     methods=["GET"],
     auth_level=func.AuthLevel.ANONYMOUS,
 )
+@_frameable
 @browser
 def launch_provider(req: func.HttpRequest) -> func.HttpResponse:
     return _start(req, LaunchRole.PROVIDER)
@@ -109,24 +226,34 @@ def launch_provider(req: func.HttpRequest) -> func.HttpResponse:
     methods=["GET"],
     auth_level=func.AuthLevel.ANONYMOUS,
 )
+@_frameable
 @browser
 def launch_patient(req: func.HttpRequest) -> func.HttpResponse:
     return _start(req, LaunchRole.PATIENT)
 
 
 @bp.route(route="launch/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@_frameable
 @browser
 def launch_callback(req: func.HttpRequest) -> func.HttpResponse:
-    return _respond(complete_launch(get_container(), query=_query(req), cookies=_cookies(req)))
+    return _respond(
+        complete_launch(get_container(), query=_query(req), cookies=_cookies(req)),
+        framed=_in_frame(req),
+    )
 
 
 @bp.route(route="launch/sso-callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@_frameable
 @browser
 def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
-    return _respond(complete_sso(get_container(), query=_query(req), cookies=_cookies(req)))
+    return _respond(
+        complete_sso(get_container(), query=_query(req), cookies=_cookies(req)),
+        framed=_in_frame(req),
+    )
 
 
 @bp.route(route="launch/wait", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@_frameable
 @browser
 def launch_wait(req: func.HttpRequest) -> func.HttpResponse:
-    return _respond(poll_waiting(get_container(), cookies=_cookies(req)))
+    return _respond(poll_waiting(get_container(), cookies=_cookies(req)), framed=_in_frame(req))

@@ -6,9 +6,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["chromium_available", "headless_chromium"]
+__all__ = ["ThirdPartyCookies", "chromium_available", "headless_chromium"]
+
+ThirdPartyCookies = Literal["default", "allow", "block"]
 
 
 def chromium_available() -> bool:
@@ -16,11 +18,15 @@ def chromium_available() -> bool:
 
 
 @contextmanager
-def headless_chromium(*, ca_bundle: str | None = None) -> Iterator[Any]:
+def headless_chromium(
+    *, ca_bundle: str | None = None, third_party_cookies: ThirdPartyCookies = "default"
+) -> Iterator[Any]:
     """A Selenium Chrome driver on /usr/bin/chromium with no background network traffic.
 
     The sandbox's Entra stand-in uses a local CA Chromium does not know; the tests only send
     the browser to loopback, so certificate errors are ignored there (``ca_bundle`` unused).
+    ``third_party_cookies``: Chromium's default for a new profile (Chromium 156 blocks them),
+    or the profile set as the "Allow"/"Block third-party cookies" setting does.
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -43,6 +49,15 @@ def headless_chromium(*, ca_bundle: str | None = None) -> Iterator[Any]:
         f"--user-data-dir={profile}",
     ):
         options.add_argument(flag)
+    if third_party_cookies != "default":
+        block = third_party_cookies == "block"
+        options.add_experimental_option(
+            "prefs",
+            {
+                "profile.cookie_controls_mode": int(block),
+                "profile.block_third_party_cookies": block,
+            },
+        )
     service = Service(executable_path=shutil.which("chromedriver") or "/usr/bin/chromedriver")
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(30)
