@@ -13,17 +13,21 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
 from connector_core.errors import ConnectorError, PayloadTooLargeError, SettingsError
 from connector_core.logs import get_logger, log_event, new_correlation_id, use_correlation_id
 
+if TYPE_CHECKING:
+    from connector_core.bootstrap import Container
+
 __all__ = [
     "MAX_BODY_BYTES",
     "api",
     "browser",
+    "container",
     "html_page",
     "json_response",
     "problem_response",
@@ -36,6 +40,15 @@ _CORRELATION_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _log = get_logger("http")
 
 Handler = Callable[[func.HttpRequest], func.HttpResponse]
+
+
+def container() -> Container:
+    """The composition root. Blueprints import ``connector_core`` use cases inside their
+    handlers, not at module level, so ``import function_app`` (the worker's indexing step) loads
+    only what registering the functions needs; each route loads what it uses on first call."""
+    from connector_core.bootstrap import get_container
+
+    return get_container()
 
 
 def _correlation_id(req: func.HttpRequest) -> str:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
-from connector_core.service.health import check_health
-from functions._http import api, json_response
+from functions._http import api, container, json_response
 
 bp = func.Blueprint()
 
@@ -14,4 +12,6 @@ bp = func.Blueprint()
 @bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @api
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    return json_response(check_health(get_container()), headers={"Cache-Control": "no-store"})
+    from connector_core.service.health import check_health
+
+    return json_response(check_health(container()), headers={"Cache-Control": "no-store"})

@@ -17,22 +17,16 @@ import functools
 import html
 import json
 import secrets
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
 from connector_core.logs import correlation_id
-from connector_core.service.launch import (
-    LaunchResult,
-    LaunchRole,
-    SetCookie,
-    complete_launch,
-    complete_sso,
-    poll_waiting,
-    start_launch,
-)
-from functions._http import Handler, browser
+from functions._http import Handler, browser, container
+
+if TYPE_CHECKING:
+    from connector_core.service.launch import LaunchResult, SetCookie
 
 bp = func.Blueprint()
 
@@ -199,10 +193,12 @@ def _respond(result: LaunchResult, *, framed: bool = False) -> func.HttpResponse
     return response
 
 
-def _start(req: func.HttpRequest, role: LaunchRole) -> func.HttpResponse:
-    result = start_launch(
-        get_container(),
-        role=role,
+def _start(req: func.HttpRequest, role: str) -> func.HttpResponse:
+    from connector_core.service import launch as service
+
+    result = service.start_launch(
+        container(),
+        role=service.LaunchRole(role),
         config_id=req.route_params.get("configId", ""),
         iss=req.params.get("iss"),
         launch=req.params.get("launch"),
@@ -218,7 +214,7 @@ def _start(req: func.HttpRequest, role: LaunchRole) -> func.HttpResponse:
 @_frameable
 @browser
 def launch_provider(req: func.HttpRequest) -> func.HttpResponse:
-    return _start(req, LaunchRole.PROVIDER)
+    return _start(req, "provider")
 
 
 @bp.route(
@@ -229,15 +225,17 @@ def launch_provider(req: func.HttpRequest) -> func.HttpResponse:
 @_frameable
 @browser
 def launch_patient(req: func.HttpRequest) -> func.HttpResponse:
-    return _start(req, LaunchRole.PATIENT)
+    return _start(req, "patient")
 
 
 @bp.route(route="launch/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @_frameable
 @browser
 def launch_callback(req: func.HttpRequest) -> func.HttpResponse:
+    from connector_core.service import launch as service
+
     return _respond(
-        complete_launch(get_container(), query=_query(req), cookies=_cookies(req)),
+        service.complete_launch(container(), query=_query(req), cookies=_cookies(req)),
         framed=_in_frame(req),
     )
 
@@ -246,8 +244,10 @@ def launch_callback(req: func.HttpRequest) -> func.HttpResponse:
 @_frameable
 @browser
 def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
+    from connector_core.service import launch as service
+
     return _respond(
-        complete_sso(get_container(), query=_query(req), cookies=_cookies(req)),
+        service.complete_sso(container(), query=_query(req), cookies=_cookies(req)),
         framed=_in_frame(req),
     )
 
@@ -256,4 +256,7 @@ def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
 @_frameable
 @browser
 def launch_wait(req: func.HttpRequest) -> func.HttpResponse:
-    return _respond(poll_waiting(get_container(), cookies=_cookies(req)), framed=_in_frame(req))
+    from connector_core.service import launch as service
+
+    result = service.poll_waiting(container(), cookies=_cookies(req))
+    return _respond(result, framed=_in_frame(req))

@@ -1,20 +1,28 @@
 """Configuration portal API (DESIGN.md section 5): thin HTTP translation over
-``connector_core.service.configs``. JSON routes answer problem+json errors; the EHR sign-in
+``connector_core._configs().configs``. JSON routes answer problem+json errors; the EHR sign-in
 callback is a browser route (HTML error pages)."""
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
-from connector_core.domain.models import TenantConfig, Versioned
 from connector_core.logs import correlation_id
-from connector_core.service import configs as service
-from connector_core.service.portal_models import Caller, ConfigInput, parse_body
-from connector_core.service.portal_openapi import openapi_document
-from functions._http import Handler, api, browser, html_page, json_response, read_json_body
+from functions._http import (
+    Handler,
+    api,
+    browser,
+    container,
+    html_page,
+    json_response,
+    read_json_body,
+)
+
+if TYPE_CHECKING:
+    from connector_core.domain.models import TenantConfig, Versioned
+    from connector_core.service.portal_models import Caller, ConfigInput
 
 bp = func.Blueprint()
 
@@ -36,34 +44,42 @@ def _portal(handler: Handler) -> Handler:
 
 
 def _caller(req: func.HttpRequest) -> Caller:
-    return service.authenticate(get_container(), req.headers.get("authorization"))
+    from connector_core.service import configs as service
+
+    return service.authenticate(container(), req.headers.get("authorization"))
 
 
 def _config_response(
     versioned: Versioned[TenantConfig], *, status: int = 200, location: bool = False
 ) -> func.HttpResponse:
-    container = get_container()
+    from connector_core.service import configs as service
+
+    root = container()
     headers = {**_NO_STORE, "ETag": service.http_etag(versioned)}
     if location:
-        headers["Location"] = f"{container.settings.api_base_url}/configs/{versioned.record.id}"
-    body = service.config_view(container, versioned.record).to_json()
+        headers["Location"] = f"{root.settings.api_base_url}/configs/{versioned.record.id}"
+    body = service.config_view(root, versioned.record).to_json()
     return json_response(body, status=status, headers=headers)
 
 
 def _body(req: func.HttpRequest) -> ConfigInput:
+    from connector_core.service.portal_models import ConfigInput, parse_body
+
     return parse_body(ConfigInput, read_json_body(req))
 
 
 @bp.route(route="configs", methods=["GET", "POST"], auth_level=func.AuthLevel.ANONYMOUS)
 @_portal
 def portal_configs(req: func.HttpRequest) -> func.HttpResponse:
-    container = get_container()
+    from connector_core.service import configs as service
+
+    root = container()
     caller = _caller(req)
     if req.method == "POST":
-        created = service.create_config(container, caller, _body(req))
+        created = service.create_config(root, caller, _body(req))
         return _config_response(created, status=201, location=True)
-    items = service.list_configs(container, caller)
-    body = [service.config_view(container, v.record).to_json() for v in items]
+    items = service.list_configs(root, caller)
+    body = [service.config_view(root, v.record).to_json() for v in items]
     return json_response(body, headers=_NO_STORE)
 
 
@@ -72,25 +88,29 @@ def portal_configs(req: func.HttpRequest) -> func.HttpResponse:
 )
 @_portal
 def portal_config(req: func.HttpRequest) -> func.HttpResponse:
-    container = get_container()
+    from connector_core.service import configs as service
+
+    root = container()
     caller = _caller(req)
     config_id = req.route_params.get("id", "")
     if req.method == "PUT":
         updated = service.update_config(
-            container, caller, config_id, _body(req), if_match=req.headers.get("if-match")
+            root, caller, config_id, _body(req), if_match=req.headers.get("if-match")
         )
         return _config_response(updated)
     if req.method == "DELETE":
-        service.delete_config(container, caller, config_id, if_match=req.headers.get("if-match"))
+        service.delete_config(root, caller, config_id, if_match=req.headers.get("if-match"))
         return func.HttpResponse(status_code=204, headers=_NO_STORE)
-    return _config_response(service.get_config(container, caller, config_id))
+    return _config_response(service.get_config(root, caller, config_id))
 
 
 @bp.route(route="configs/{id}/history", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @_portal
 def portal_config_history(req: func.HttpRequest) -> func.HttpResponse:
-    container = get_container()
-    changes = service.config_history(container, _caller(req), req.route_params.get("id", ""))
+    from connector_core.service import configs as service
+
+    root = container()
+    changes = service.config_history(root, _caller(req), req.route_params.get("id", ""))
     body = [c.model_dump(mode="json", by_alias=True) for c in changes]
     return json_response(body, headers=_NO_STORE)
 
@@ -98,17 +118,21 @@ def portal_config_history(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="configs/{id}/ehr-signin", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 @_portal
 def portal_ehr_signin(req: func.HttpRequest) -> func.HttpResponse:
-    container = get_container()
-    started = service.start_ehr_signin(container, _caller(req), req.route_params.get("id", ""))
+    from connector_core.service import configs as service
+
+    root = container()
+    started = service.start_ehr_signin(root, _caller(req), req.route_params.get("id", ""))
     return json_response(started.model_dump(mode="json", by_alias=True), headers=_NO_STORE)
 
 
 @bp.route(route="configs/{id}/approve", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
 @_portal
 def portal_approve(req: func.HttpRequest) -> func.HttpResponse:
-    container = get_container()
+    from connector_core.service import configs as service
+
+    root = container()
     approved = service.approve_config(
-        container,
+        root,
         _caller(req),
         req.route_params.get("id", ""),
         if_match=req.headers.get("if-match"),
@@ -119,8 +143,10 @@ def portal_approve(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="ehr-signin/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @browser
 def portal_ehr_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
+    from connector_core.service import configs as service
+
     done = service.complete_ehr_signin(
-        get_container(),
+        container(),
         state=req.params.get("state"),
         code=req.params.get("code"),
         error=req.params.get("error"),
@@ -143,5 +169,7 @@ def portal_ehr_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @api
 def portal_openapi(req: func.HttpRequest) -> func.HttpResponse:
-    document = openapi_document(get_container().settings.api_base_url)
+    from connector_core.service.portal_openapi import openapi_document
+
+    document = openapi_document(container().settings.api_base_url)
     return json_response(document, headers={"Cache-Control": "public, max-age=300"})

@@ -19,17 +19,10 @@ import logging
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
 from connector_core.errors import InvalidInputError, PayloadTooLargeError
 from connector_core.logs import get_logger, log_event, new_correlation_id, use_correlation_id
-from connector_core.service.presence import (
-    PRESENCE_QUEUE,
-    accept_notifications,
-    process_message,
-    renew_subscriptions,
-)
-from connector_core.service.subscriptions import SUBSCRIPTION_QUEUE, process_subscription_message
-from functions._http import api
+from connector_core.queues import PRESENCE_QUEUE, SUBSCRIPTION_QUEUE
+from functions._http import api, container
 
 bp = func.Blueprint()
 _log = get_logger("presence")
@@ -62,7 +55,9 @@ def _notifications(req: func.HttpRequest) -> func.HttpResponse:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: not a 500
         raise InvalidInputError("The notification body must be JSON.") from None
-    result = accept_notifications(get_container(), body)
+    from connector_core.service.presence import accept_notifications
+
+    result = accept_notifications(container(), body)
     return func.HttpResponse(
         status_code=202,
         headers={"x-enqueued": str(result.enqueued), "x-dropped": str(result.dropped)},
@@ -84,9 +79,11 @@ def presence_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
 @bp.queue_trigger(arg_name="msg", queue_name=PRESENCE_QUEUE, connection="CONNECTOR_STORAGE")
 def presence_worker(msg: func.QueueMessage) -> None:
     with use_correlation_id(new_correlation_id()):
+        from connector_core.service.presence import process_message
+
         try:
             process_message(
-                get_container(),
+                container(),
                 msg.get_body().decode("utf-8", errors="replace"),
                 dequeue_count=msg.dequeue_count or 1,
             )
@@ -108,12 +105,14 @@ def subscription_worker(msg: func.QueueMessage) -> None:
     with use_correlation_id(new_correlation_id()):
         # Retries with backoff and the poison queue are the service's own; an exception here
         # means even that failed, and the host redelivers the message.
-        process_subscription_message(
-            get_container(), msg.get_body().decode("utf-8", errors="replace")
-        )
+        from connector_core.service.subscriptions import process_subscription_message
+
+        process_subscription_message(container(), msg.get_body().decode("utf-8", errors="replace"))
 
 
 @bp.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
 def presence_renewal(timer: func.TimerRequest) -> None:
     with use_correlation_id(new_correlation_id()):
-        renew_subscriptions(get_container())
+        from connector_core.service.presence import renew_subscriptions
+
+        renew_subscriptions(container())

@@ -11,15 +11,15 @@ from __future__ import annotations
 import html
 import re
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
-from connector_core.domain.models import Visit
 from connector_core.errors import AuthenticationError, NotFoundError
-from connector_core.service.presence import VISIT_COOKIE, authorize_viewer, participants_view
-from functions._http import api, browser, json_response
+from functions._http import api, browser, container, json_response
+
+if TYPE_CHECKING:
+    from connector_core.domain.models import Visit
 
 bp = func.Blueprint()
 
@@ -42,7 +42,9 @@ def _bearer(req: func.HttpRequest) -> str | None:
 
 
 def _authorized_visit(req: func.HttpRequest) -> Visit:
-    container = get_container()
+    from connector_core.service.presence import VISIT_COOKIE, authorize_viewer
+
+    root = container()
     visit_key = req.route_params.get("visitKey", "").lower()
     bearer, cookie = _bearer(req), _cookie(req, VISIT_COOKIE)
     if not bearer and not cookie:  # before any lookup: no probing which visits exist
@@ -52,8 +54,8 @@ def _authorized_visit(req: func.HttpRequest) -> Visit:
         )
     if not _VISIT_KEY.match(visit_key):
         raise NotFoundError("No such visit.")
-    visit = container.visits.get(visit_key).record
-    authorize_viewer(container, visit, bearer=bearer, visit_cookie=cookie)
+    visit = root.visits.get(visit_key).record
+    authorize_viewer(root, visit, bearer=bearer, visit_cookie=cookie)
     return visit
 
 
@@ -67,7 +69,9 @@ def _wants_html(req: func.HttpRequest) -> bool:
 
 @api
 def _json_view(req: func.HttpRequest) -> func.HttpResponse:
-    view = participants_view(get_container(), _authorized_visit(req))
+    from connector_core.service.presence import participants_view
+
+    view = participants_view(container(), _authorized_visit(req))
     return json_response(view, headers={"Cache-Control": "no-store"})
 
 
@@ -114,7 +118,9 @@ border-bottom:1px solid #ddd}}.lobby{{background:#fff4ce;padding:.5rem}}.muted{{
 
 @browser
 def _html_view(req: func.HttpRequest) -> func.HttpResponse:
-    view = participants_view(get_container(), _authorized_visit(req))
+    from connector_core.service.presence import participants_view
+
+    view = participants_view(container(), _authorized_visit(req))
     return func.HttpResponse(
         _page(view),
         status_code=200,

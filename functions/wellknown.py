@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import azure.functions as func
 
-from connector_core.bootstrap import get_container
-from functions._http import api, json_response
+from functions._http import api, container, json_response
 
 bp = func.Blueprint()
 
@@ -13,6 +12,6 @@ bp = func.Blueprint()
 @bp.route(route=".well-known/jwks.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @api
 def jwks(req: func.HttpRequest) -> func.HttpResponse:
-    keys = get_container().signing_keys.jwks()
+    keys = container().signing_keys.jwks()
     # EHRs cache the JWKS; a short max-age lets a key rollover reach them within minutes.
     return json_response(keys, headers={"Cache-Control": "public, max-age=300"})

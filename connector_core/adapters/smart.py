@@ -134,7 +134,7 @@ class SmartConfiguration:
 class SmartTokenResponse(BaseModel):
     """A SMART token response. Launch context parameters are kept; anything else is in ``extra``."""
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore", defer_build=True)
 
     access_token: str
     token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret

@@ -153,7 +153,9 @@ def _field_error(error: Any) -> dict[str, str]:
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, frozen=True, defer_build=True
+    )
 
 
 class ConfigChangeOut(_Out):

@@ -69,6 +69,8 @@ from connector_core.errors import (
     StorageUnavailableError,
 )
 from connector_core.logs import get_logger, log_event
+from connector_core.queues import PRESENCE_POISON_QUEUE as POISON_QUEUE
+from connector_core.queues import PRESENCE_QUEUE
 from connector_core.ttl_cache import Missing, TtlCache
 
 if TYPE_CHECKING:
@@ -93,8 +95,6 @@ __all__ = [
     "renew_subscriptions",
 ]
 
-PRESENCE_QUEUE = "presence-events"
-POISON_QUEUE = f"{PRESENCE_QUEUE}-poison"  # the Functions host's convention
 LIFECYCLE_EVENTS = frozenset({"reauthorizationRequired", "subscriptionRemoved", "missed"})
 MAX_NOTIFICATION_ITEMS = 1000
 _ETAG_RETRIES = 25
@@ -177,7 +177,7 @@ class PresenceRuntime:
 class PresenceMessage(BaseModel):
     """What the webhook puts on ``presence-events``: keys, times and roles only."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     v: Literal[1] = 1
     kind: Literal["call", "lifecycle"]
@@ -192,7 +192,7 @@ class PresenceMessage(BaseModel):
 class PresenceBatch(BaseModel):
     """One queue message carrying the events of several concurrent webhook requests."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     v: Literal[1] = 1
     items: tuple[PresenceMessage, ...]

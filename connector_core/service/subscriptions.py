@@ -41,6 +41,7 @@ from connector_core.errors import (
     NotFoundError,
 )
 from connector_core.logs import get_logger, log_event
+from connector_core.queues import SUBSCRIPTION_POISON_QUEUE, SUBSCRIPTION_QUEUE
 
 if TYPE_CHECKING:
     from connector_core.bootstrap import Container
@@ -62,8 +63,6 @@ __all__ = [
 
 # Graph allows meeting call-event subscriptions up to 4230 minutes; stay a little under it.
 SUBSCRIPTION_LIFETIME = timedelta(minutes=4200)
-SUBSCRIPTION_QUEUE = "meeting-subscriptions"
-SUBSCRIPTION_POISON_QUEUE = f"{SUBSCRIPTION_QUEUE}-poison"
 # Delay before each retry of a create that failed for a passing reason (seconds): ~20 minutes
 # in all, then the poison queue. Graph's Retry-After wins when it asks for longer.
 RETRY_DELAYS = (2, 10, 30, 120, 600)

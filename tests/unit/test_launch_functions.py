@@ -13,6 +13,7 @@ import azure.functions as func
 import pytest
 
 from connector_core.bootstrap import set_container
+from connector_core.service import launch as launch_service
 from connector_core.service.launch import LAUNCH_COOKIE_PREFIX, WAIT_COOKIE, LaunchResult, SetCookie
 from functions import launch
 from tests.unit.launch_fakes import AS_ISSUER, FHIR, World, make_world
@@ -359,7 +360,7 @@ def test_hostile_values_cannot_leave_the_script(
         redirect=HOSTILE_TARGET,
         cookies=(SetCookie(WAIT_COOKIE, HOSTILE_VALUE, 60), SetCookie("__Host-vv-sso", "", 0)),
     )
-    monkeypatch.setattr(launch, "poll_waiting", lambda *a, **k: result)
+    monkeypatch.setattr(launch_service, "poll_waiting", lambda *a, **k: result)
     response = launch.launch_wait(_get("launch/wait", {}, dest="iframe"))
     page, script_cookies, target = _framed_page(response)  # exactly one script element
     assert target == HOSTILE_TARGET  # exactly the service's target, decoded
@@ -391,7 +392,7 @@ def test_hostile_values_cannot_leave_the_script(
 def test_unsafe_results_are_an_error_page_not_a_header_or_script(
     world: World, monkeypatch: pytest.MonkeyPatch, result: LaunchResult, dest: str | None
 ) -> None:
-    monkeypatch.setattr(launch, "poll_waiting", lambda *a, **k: result)
+    monkeypatch.setattr(launch_service, "poll_waiting", lambda *a, **k: result)
     response = launch.launch_wait(_get("launch/wait", {}, dest=dest))
     assert response.status_code == 500
     assert "Location" not in response.headers and not _set_cookies(response)
