@@ -70,10 +70,17 @@ def test_an_event_sent_before_the_subscription_record_is_stored_reaches_the_ehr(
     assert landing.meeting_id
     wait_for(lambda: _active(s, str(landing.meeting_id)), timeout=30, what="subscription")
     subscription_ids = {x.id for x in s.sandbox.graph.subscriptions_for(str(landing.meeting_id))}  # type: ignore[attr-defined]
-    first = next(
-        d
-        for d in s.sandbox.graph.deliveries
-        if d.kind == "notification" and d.subscription_id in subscription_ids
+    # (the stand-in lists the subscription before the early join's delivery is queued)
+    first = wait_for(
+        lambda: next(
+            (
+                d
+                for d in list(s.sandbox.graph.deliveries)
+                if d.kind == "notification" and d.subscription_id in subscription_ids
+            ),
+            None,
+        ),
+        what="the early notification",
     )
     wait_for(lambda: first.done, what="the early notification's delivery")
     assert first.ok, (first.status, first.response_text)  # accepted (202), not dropped
