@@ -12,6 +12,8 @@ EHR (a tenant), so nothing they say is trusted to be a safe target:
   lets an operator allow exact private targets (an EHR reachable only over a private network);
 * **no proxies** (``trust_env=False``: a proxy would connect on our behalf to unchecked
   addresses) and **no redirects** (``follow_redirects=False``; callers treat 3xx as an error);
+* refusals are ``PermissionDeniedError`` (403: the connector will not make that call), not an
+  ``EhrError`` (502: the EHR failed);
 * **endpoints**: ``EhrTargetPolicy.check_endpoint`` re-validates every endpoint taken from a
   discovery document on every use: its scheme, and its host must be the FHIR base's host, share its
   registrable domain (Public Suffix List), or be in the allowance recorded on the configuration
@@ -40,7 +42,7 @@ import httpcore
 import httpx
 
 from connector_core.adapters.fhir_probe import check_address
-from connector_core.errors import EhrError, SettingsError
+from connector_core.errors import PermissionDeniedError, SettingsError
 
 __all__ = [
     "EhrTargetPolicy",
@@ -162,11 +164,14 @@ class EhrTargetPolicy:
         parts = urlsplit(url)
         allowed = ("https", "http") if self.dev_mode else ("https",)
         if parts.scheme not in allowed or not parts.hostname:
-            raise EhrError(
-                f"The EHR's {what} is not an https URL.", reason="ehr_target_refused", what=what
+            raise PermissionDeniedError(
+                f"The EHR's {what} is not an https URL, which the connector does not call.",
+                reason="ehr_target_refused",
             )
         if parts.username or parts.password or any(c in url for c in "\r\n\t "):
-            raise EhrError(f"The EHR's {what} is not a usable URL.", reason="ehr_target_refused")
+            raise PermissionDeniedError(
+                f"The EHR's {what} is not a usable URL.", reason="ehr_target_refused"
+            )
 
     def check_endpoint(
         self, url: str, *, fhir_base_url: str, allowed_hosts: Iterable[str], what: str
@@ -179,7 +184,7 @@ class EhrTargetPolicy:
             return url
         if not _is_ip(host) and registrable_domain(host) == registrable_domain(base_host):
             return url
-        raise EhrError(
+        raise PermissionDeniedError(
             f"The EHR's {what} is on a host this configuration was not approved for.",
             action="Ask the EHR analyst to check the configuration in the portal; an admin can "
             "save it again to record the EHR's current endpoints, then the approver approves.",

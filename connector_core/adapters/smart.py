@@ -29,7 +29,12 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connector_core.errors import EhrError
+from connector_core.errors import (
+    AuthenticationError,
+    ConnectorError,
+    EhrError,
+    PermissionDeniedError,
+)
 from connector_core.logs import get_logger, log_event
 
 if TYPE_CHECKING:
@@ -235,10 +240,10 @@ class SmartClient:
         status: int | None = None,
         error: BaseException | None = None,
         **extra: Any,
-    ) -> EhrError:
+    ) -> ConnectorError:
         """An ``EhrError`` whose detail says which step failed, never what the EHR (or an
         internal address it pointed us at) answered; that goes to the log with the correlation
-        id."""
+        id. A call the guard refused is a ``PermissionDeniedError`` (403) instead."""
         from connector_core.adapters.ehr_http import is_target_refusal
 
         refused = error is not None and is_target_refusal(error)
@@ -252,7 +257,12 @@ class SmartClient:
             refused_target=refused,
         )
         if refused:
-            extra.setdefault("reason", "ehr_target_refused")
+            return PermissionDeniedError(
+                f"The EHR's {step} endpoint is at an address the connector does not call.",
+                reason="ehr_target_refused",
+                action="Ask the EHR analyst to check the EHR's SMART configuration; an "
+                "administrator can find the details in the log under the reference below.",
+            )
         return EhrError(message, ehrStatus=status, **extra)
 
     # --- discovery ---------------------------------------------------------------------------
@@ -313,7 +323,7 @@ class SmartClient:
         for url, what in endpoints:
             try:
                 self._policy.check_endpoint(url, fhir_base_url=base, allowed_hosts=hosts, what=what)
-            except EhrError as error:
+            except PermissionDeniedError as error:
                 log_event(
                     _log,
                     "ehr.endpoint_refused",
@@ -382,6 +392,15 @@ class SmartClient:
             code = body.get("error") if isinstance(body, dict) else None
             code_text = code if isinstance(code, str) and code.isascii() else "no error code"
             code_text = "".join(c for c in code_text[:40] if c.isalnum() or c in "_-. ")
+            if response.status_code == 400 and code_text == "invalid_grant":
+                log_event(_log, "ehr.call_failed", level=logging.WARNING, step="token", status=400)
+                # The code was used already, expired or not ours: the answer is bad, not the EHR.
+                raise AuthenticationError(
+                    f"The EHR refused the {what} (invalid_grant): this sign-in answer was "
+                    "already used or has expired.",
+                    reason="invalid_grant",
+                    action="Start again from the EHR.",
+                )
             raise self._failure(
                 f"The EHR refused the {what} ({code_text}).",
                 step="token",
@@ -537,7 +556,7 @@ class SmartClient:
                     return jwt.PyJWK(jwk, algorithm=alg).key
                 except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
                     continue
-        raise EhrError("The EHR's id_token is signed with a key it does not publish.")
+        raise _unverified("The EHR's id_token is signed with a key it does not publish.")
 
     def validate_id_token(
         self,
@@ -552,7 +571,9 @@ class SmartClient:
         ``exp`` present and not past, ``nonce`` present and equal to the one sent, never
         ``alg: none``, and the signature verified against the EHR's JWKS whenever it publishes
         one. (Without a JWKS the token is taken as received from the token endpoint over TLS,
-        which 3.1.3.7 item 6 allows; everything else is still checked.)"""
+        which 3.1.3.7 item 6 allows; everything else is still checked.) A token that fails is an
+        ``AuthenticationError`` (401: the sign-in answer cannot be trusted); an EHR that cannot
+        be checked at all (no issuer, JWKS unreachable) an ``EhrError``."""
         import jwt
 
         issuer = smart.issuer
@@ -566,10 +587,10 @@ class SmartClient:
         try:
             header = jwt.get_unverified_header(id_token)
         except jwt.PyJWTError:
-            raise EhrError("The EHR's id_token is not a valid JWT.") from None
+            raise _unverified("The EHR's id_token is not a valid JWT.") from None
         alg = header.get("alg")
         if alg not in _ID_TOKEN_ALGS:
-            raise EhrError("The EHR's id_token uses an unacceptable signature algorithm.")
+            raise _unverified("The EHR's id_token uses an unacceptable signature algorithm.")
         required: Any = {"require": ["iss", "sub", "aud", "exp", "nonce"]}
         try:
             if smart.jwks_uri:
@@ -604,23 +625,31 @@ class SmartClient:
                     options=unsigned,
                 )
         except jwt.ExpiredSignatureError:
-            raise EhrError("The EHR's id_token has expired.") from None
+            raise _unverified("The EHR's id_token has expired.") from None
         except jwt.InvalidAudienceError:
-            raise EhrError("The EHR's id_token was issued to another client.") from None
+            raise _unverified("The EHR's id_token was issued to another client.") from None
         except jwt.InvalidIssuerError:
-            raise EhrError("The EHR's id_token comes from another issuer.") from None
+            raise _unverified("The EHR's id_token comes from another issuer.") from None
         except jwt.MissingRequiredClaimError as error:
             if error.claim == "nonce":
-                raise EhrError(
+                raise _unverified(
                     "The EHR's id_token does not belong to this sign-in (no nonce)."
                 ) from None
-            raise EhrError(f"The EHR's id_token has no '{error.claim}' claim.") from None
+            raise _unverified(f"The EHR's id_token has no '{error.claim}' claim.") from None
         except jwt.PyJWTError:
-            raise EhrError("The EHR's id_token failed verification.") from None
+            raise _unverified("The EHR's id_token failed verification.") from None
         token_nonce = claims.get("nonce")
         if not isinstance(token_nonce, str) or not hmac.compare_digest(token_nonce, nonce):
-            raise EhrError("The EHR's id_token does not belong to this sign-in (nonce).")
+            raise _unverified("The EHR's id_token does not belong to this sign-in (nonce).")
         return claims
+
+
+def _unverified(message: str) -> AuthenticationError:
+    return AuthenticationError(
+        message,
+        reason="id_token_invalid",
+        action="Start again from the EHR. If it keeps happening, contact your administrator.",
+    )
 
 
 def verify_response_issuer(returned: str | None, *, issuer: str | None, required: bool) -> None:

@@ -465,6 +465,8 @@ def complete_launch(
                 action="If you declined, start the visit again and allow it. Otherwise ask "
                 "your EHR analyst to check the connector's access in the EHR.",
             )
+        if error == "invalid_request":  # e.g. a launch value the EHR never issued: the request
+            raise InvalidInputError(message, action=_RESTART)
         raise EhrError(message, action=_RESTART)
     code = query.get("code")
     if not code:
@@ -904,7 +906,7 @@ def _visit_practitioners(
         resource = container.smart.read_resource(
             smart.fhir_base_url, reference, access_token=tokens.access_token
         )
-    except EhrError as error:
+    except ConnectorError as error:  # EHR failure or a refused endpoint: the patient waits
         log_event(
             _log,
             "launch.fhir_read_failed",

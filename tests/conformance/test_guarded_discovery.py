@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connector_core.adapters import ehr_http
 from connector_core.domain.scopes import BACKEND_SERVICES_SCOPES, scope_string
-from connector_core.errors import EhrError
+from connector_core.errors import PermissionDeniedError
 from devtools._serve import free_port
 from devtools.conformance import ConformanceServer
 from tests.stack import Stack
@@ -110,7 +110,7 @@ def test_private_target_allowance_reaches_exactly_this_server_with_dev_mode_off(
     cs.reset()
     for targets in ("", f"127.0.0.1:{free_port()}", "127.0.0.2"):
         smart, _ = _smart(fresh_stack, cs, private_targets=targets)
-        with pytest.raises(EhrError):
+        with pytest.raises(PermissionDeniedError):
             smart.get_configuration(cs.fhir_base)
     assert cs.fhir_requests() == []
 
@@ -134,12 +134,12 @@ def test_discovery_pointing_at_a_loopback_canary_never_reaches_it(
     smart, http = _smart(fresh_stack, cs, private_targets=f"127.0.0.1:{cs.port}")
     try:
         configuration = smart.get_configuration(cs.fhir_base)
-    except EhrError:
+    except PermissionDeniedError:
         configuration = None  # refused while reading discovery: fine, nothing was called
     if configuration is not None:
-        with pytest.raises(EhrError):
+        with pytest.raises(PermissionDeniedError):
             smart.backend_token(configuration, client_id=client_id, scope=SCOPE)
-        with pytest.raises(EhrError):
+        with pytest.raises(PermissionDeniedError):
             smart.exchange_code(
                 configuration,
                 client_id=client_id,
@@ -147,7 +147,7 @@ def test_discovery_pointing_at_a_loopback_canary_never_reaches_it(
                 redirect_uri=f"{fresh_stack.api}/launch/callback",
                 code_verifier="v" * 43,
             )
-        with pytest.raises(EhrError):
+        with pytest.raises(PermissionDeniedError):
             smart.validate_id_token(
                 configuration,
                 _foreign_id_token(cs.issuer, client_id),
@@ -158,7 +158,7 @@ def test_discovery_pointing_at_a_loopback_canary_never_reaches_it(
     from connector_core.adapters.ehr_writeback import EhrWriter
 
     writer = EhrWriter(http=http, tokens=smart)
-    with pytest.raises(EhrError):
+    with pytest.raises(PermissionDeniedError):
         writer.backend_token(cs.fhir_base, client_id=client_id, scope=SCOPE)
 
     time.sleep(0.2)  # a connection attempt in flight would have been accepted by now

@@ -114,7 +114,7 @@ def test_replayed_code_is_refused_by_the_certified_server_and_shown_clearly(
     )
     replay = _with_query(second_callback, code=query_of(first_callback)["code"])
     response = browser.get(replay)
-    assert_error_page(response, 400, 401, 502)
+    assert_error_page(response, 401)  # invalid_grant: the answer's fault, not the EHR's
     assert not _into_meeting(s, response)
     exchanges = [r for r in cs.token_requests() if r["grantType"] == "authorization_code"]
     assert [r["status"] for r in exchanges] == [200, 400], exchanges
@@ -130,7 +130,7 @@ def test_id_token_without_nonce_is_refused(
     cs.omit_nonce()
     browser, callback = _callback(fresh_stack, cs, config)
     response = browser.get(callback)
-    assert_error_page(response, 401, 403, 502)
+    assert_error_page(response, 401)
     assert "nonce" in response.text
     assert not _into_meeting(fresh_stack, response)
     exchanges = [r for r in cs.token_requests() if r["grantType"] == "authorization_code"]
@@ -174,7 +174,7 @@ def test_launch_the_ehr_never_issued_is_refused_by_the_server_and_shown_clearly(
     url = cs.launch_url(config.id, appointment_id=SOLO, user="clinician")
     forged = _with_query(url, launch="not-a-launch-this-ehr-issued")
     response = fresh_stack.browser().get(forged)
-    assert_error_page(response, 400, 403, 502)
+    assert_error_page(response, 400)
     assert urlsplit(str(response.url)).path == "/api/launch/callback"
     assert query_of(str(response.url))["error"] == "invalid_request"
 

@@ -31,7 +31,7 @@ from connector_core.adapters.ehr_http import (
     parse_private_targets,
     registrable_domain,
 )
-from connector_core.errors import EhrError, SettingsError
+from connector_core.errors import PermissionDeniedError, SettingsError
 
 STRICT = EhrTargetPolicy(dev_mode=False)
 DEV = EhrTargetPolicy(dev_mode=True)
@@ -135,7 +135,7 @@ def test_private_network_allowance_covers_its_network_only() -> None:
 
 def test_check_url_needs_https_outside_dev_mode() -> None:
     STRICT.check_url("https://ehr.example.com/fhir", "FHIR endpoint")
-    with pytest.raises(EhrError) as caught:
+    with pytest.raises(PermissionDeniedError) as caught:
         STRICT.check_url("http://ehr.example.com/fhir", "FHIR endpoint")
     assert caught.value.extra["reason"] == "ehr_target_refused"
     assert "FHIR endpoint" in caught.value.detail
@@ -154,7 +154,7 @@ def test_check_url_needs_https_outside_dev_mode() -> None:
     ],
 )
 def test_check_url_refuses_unusable_urls_even_in_dev_mode(url: str) -> None:
-    with pytest.raises(EhrError):
+    with pytest.raises(PermissionDeniedError):
         DEV.check_url(url, "token endpoint")
 
 
@@ -192,7 +192,7 @@ def test_check_endpoint_allows_the_fhir_base_host_and_its_registrable_domain(url
     ],
 )
 def test_check_endpoint_refuses_other_hosts(base: str, url: str) -> None:
-    with pytest.raises(EhrError) as caught:
+    with pytest.raises(PermissionDeniedError) as caught:
         STRICT.check_endpoint(url, fhir_base_url=base, allowed_hosts=(), what="token endpoint")
     assert caught.value.extra["reason"] == "ehr_host_not_approved"
     assert "token endpoint" in caught.value.detail
@@ -202,7 +202,7 @@ def test_check_endpoint_accepts_the_recorded_allowance_only() -> None:
     url = "https://auth.vendor-cloud.example.net/token"
     allowance = ("AUTH.vendor-cloud.example.net",)
     assert STRICT.check_endpoint(url, fhir_base_url=FHIR_BASE, allowed_hosts=allowance, what="x")
-    with pytest.raises(EhrError, match="not approved"):
+    with pytest.raises(PermissionDeniedError, match="not approved"):
         STRICT.check_endpoint(
             "https://keys.vendor-cloud.example.net/jwks",
             fhir_base_url=FHIR_BASE,
@@ -212,7 +212,7 @@ def test_check_endpoint_accepts_the_recorded_allowance_only() -> None:
 
 
 def test_check_endpoint_still_needs_https_for_an_approved_host() -> None:
-    with pytest.raises(EhrError) as caught:
+    with pytest.raises(PermissionDeniedError) as caught:
         STRICT.check_endpoint(
             "http://fhir.epic.example.com/oauth2/token",
             fhir_base_url=FHIR_BASE,

@@ -21,7 +21,7 @@ from connector_core.adapters.smart import (
     normalize_fhir_base,
     verify_response_issuer,
 )
-from connector_core.errors import AuthenticationError, EhrError
+from connector_core.errors import AuthenticationError, EhrError, PermissionDeniedError
 from tests.helpers import in_memory_container
 
 BASE = "https://ehr.example/fhir/r4"
@@ -225,13 +225,26 @@ def test_code_exchange_refusal_names_the_oauth_error_only(
     client: SmartClient, ehr: FakeEhr
 ) -> None:
     ehr.token_status = 400
-    ehr.token_body = {"error": "invalid_grant", "error_description": "PKCE failed for Patient X"}
+    ehr.token_body = {"error": "invalid_client", "error_description": "PKCE failed for Patient X"}
     smart = client.get_configuration(BASE)
     with pytest.raises(EhrError) as caught:
         client.exchange_code(smart, client_id=CLIENT, code="c", redirect_uri="r", code_verifier="v")
-    assert "invalid_grant" in caught.value.detail
+    assert "invalid_client" in caught.value.detail
     assert "Patient X" not in caught.value.detail
-    assert caught.value.extra["oauthError"] == "invalid_grant"
+    assert caught.value.extra["oauthError"] == "invalid_client"
+
+
+def test_a_used_or_expired_code_is_the_answers_fault_not_the_ehrs(
+    client: SmartClient, ehr: FakeEhr
+) -> None:
+    """invalid_grant (a replayed or expired code): 401 for the browser, not a 502."""
+    ehr.token_status = 400
+    ehr.token_body = {"error": "invalid_grant", "error_description": "PKCE failed for Patient X"}
+    smart = client.get_configuration(BASE)
+    with pytest.raises(AuthenticationError) as caught:
+        client.exchange_code(smart, client_id=CLIENT, code="c", redirect_uri="r", code_verifier="v")
+    assert caught.value.http_status == 401 and caught.value.extra["reason"] == "invalid_grant"
+    assert "Patient X" not in caught.value.detail
 
 
 def test_id_token_verified_against_jwks_which_is_cached(client: SmartClient, ehr: FakeEhr) -> None:
@@ -257,7 +270,7 @@ def test_id_token_verified_against_jwks_which_is_cached(client: SmartClient, ehr
 )
 def test_bad_id_tokens_are_refused(client: SmartClient, token: Any, message: str) -> None:
     smart = client.get_configuration(BASE)
-    with pytest.raises(EhrError, match=message):
+    with pytest.raises(AuthenticationError, match=message):
         client.validate_id_token(smart, token(), client_id=CLIENT, nonce=NONCE)
 
 
@@ -280,7 +293,7 @@ def test_id_token_without_jwks_is_decoded_but_audience_checked(
     unsigned = _id_token(key=_OTHER_KEY, fhirUser="Practitioner/p1")
     claims = client.validate_id_token(smart, unsigned, client_id=CLIENT, nonce=NONCE)
     assert claims["fhirUser"] == "Practitioner/p1"
-    with pytest.raises(EhrError, match="another client"):
+    with pytest.raises(AuthenticationError, match="another client"):
         client.validate_id_token(smart, _id_token(aud="x"), client_id=CLIENT, nonce=NONCE)
 
 
@@ -329,12 +342,12 @@ def test_endpoint_on_another_host_is_refused_on_every_call(
 ) -> None:
     ehr.smart_doc = _smart_doc(**{field: url})
     for _ in range(2):  # the second call answers from the cache and is checked again
-        with pytest.raises(EhrError) as caught:
+        with pytest.raises(PermissionDeniedError) as caught:
             client.get_configuration(BASE)
         assert caught.value.extra["reason"] == "ehr_host_not_approved"
     allowed = client.get_configuration(BASE, allowed_hosts=(OTHER_HOST.upper(),))
     assert getattr(allowed, field) == url
-    with pytest.raises(EhrError, match="not approved"):
+    with pytest.raises(PermissionDeniedError, match="not approved"):
         client.get_configuration(BASE)  # cached, still checked without the allowance
     assert ehr.count("smart-configuration") == 1
 
@@ -348,7 +361,7 @@ def test_endpoint_on_the_same_registrable_domain_is_allowed(
 
 def test_http_endpoint_is_refused_outside_dev_mode(client: SmartClient, ehr: FakeEhr) -> None:
     ehr.smart_doc = _smart_doc(token_endpoint="http://ehr.example/oauth2/token")
-    with pytest.raises(EhrError) as caught:
+    with pytest.raises(PermissionDeniedError) as caught:
         client.get_configuration(BASE)
     assert caught.value.extra["reason"] == "ehr_target_refused"
 
@@ -356,9 +369,9 @@ def test_http_endpoint_is_refused_outside_dev_mode(client: SmartClient, ehr: Fak
 def test_http_fhir_base_is_refused_before_any_request_outside_dev_mode(
     client: SmartClient, ehr: FakeEhr
 ) -> None:
-    with pytest.raises(EhrError, match="not an https URL"):
+    with pytest.raises(PermissionDeniedError, match="not an https URL"):
         client.get_configuration("http://ehr.example/fhir/r4")
-    with pytest.raises(EhrError, match="not an https URL"):
+    with pytest.raises(PermissionDeniedError, match="not an https URL"):
         client.read_resource("http://ehr.example/fhir/r4", "Appointment/a1", access_token="at")
     assert ehr.requests == []
 
@@ -473,7 +486,7 @@ def test_id_token_rules(
     client: SmartClient, ehr: FakeEhr, jwks: bool, token: Any, message: str
 ) -> None:
     smart = client.get_configuration(BASE) if jwks else _without_jwks(client, ehr)
-    with pytest.raises(EhrError, match=message):
+    with pytest.raises(AuthenticationError, match=message):
         client.validate_id_token(smart, token(), client_id=CLIENT, nonce=NONCE)
 
 
@@ -486,7 +499,7 @@ def test_good_id_token_is_accepted(client: SmartClient, ehr: FakeEhr, jwks: bool
 
 def test_alg_none_is_refused_before_the_jwks_is_fetched(client: SmartClient, ehr: FakeEhr) -> None:
     smart = client.get_configuration(BASE)
-    with pytest.raises(EhrError, match="unacceptable"):
+    with pytest.raises(AuthenticationError, match="unacceptable"):
         client.validate_id_token(smart, _unsigned("none"), client_id=CLIENT, nonce=NONCE)
     assert ehr.count("/jwks") == 0
 
