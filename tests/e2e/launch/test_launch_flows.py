@@ -221,7 +221,7 @@ def test_wrong_pkce_verifier_is_refused_by_the_ehr_and_shown_clearly(
     to_callback = _step(browser, urlunsplit(parts._replace(query=urlencode(query))))
     assert to_callback.status_code == 302 and "code=" in to_callback.headers["location"]
     response = _step(browser, to_callback.headers["location"])
-    _page_error(response, 502, "invalid_grant", "refused")
+    _page_error(response, 401, "invalid_grant", "refused")  # the answer was tampered with
 
 
 def test_ehr_access_denied_is_a_clear_page(s: Stack, config: TenantConfig) -> None:
