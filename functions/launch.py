@@ -14,7 +14,6 @@ as partitioned cookies by script before it moves on (see ``FRAME_COOKIE_ATTRIBUT
 from __future__ import annotations
 
 import functools
-import html
 import json
 import secrets
 from typing import TYPE_CHECKING
@@ -56,8 +55,6 @@ _LAUNCH_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; f
 # attribute, end the header or leave a JavaScript string.
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _COOKIE_OCTETS = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset('",;\\')
-_PAGE_STYLE = """<style>body{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;
-padding:0 1rem;color:#222}h1{font-size:1.4rem}.cid{color:#666;font-size:.85rem}</style>"""
 
 
 def _cookies(req: func.HttpRequest) -> dict[str, str]:
@@ -129,36 +126,42 @@ def _cookie_script(cookies: tuple[SetCookie, ...], redirect: str | None, nonce: 
     return f'<script nonce="{nonce}">\n{body}\n</script>'
 
 
-def _waiting_page(script: str = "") -> str:
-    refresh = f"{WAIT_REFRESH_SECONDS};url=/api/launch/wait"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Your video visit will start soon</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="refresh" content="{html.escape(refresh)}">
-{_PAGE_STYLE}{script}</head>
-<body><h1>Your video visit will start soon</h1>
-<p class="waiting">Your care team has not started the video visit yet. Keep this page open:
-it checks every few seconds and takes you to the visit as soon as it starts.</p>
-<p>You do not need an account or an app. You will wait in the lobby until you are let in.</p>
-<p class="cid">Reference: <code>{html.escape(correlation_id())}</code></p>
-</body></html>"""
+def _locale(req: func.HttpRequest | None) -> tuple[str, bool]:
+    """The page language (``?lang=``, the language cookie, ``Accept-Language``) and whether
+    the switch picked it."""
+    from connector_core.service.portal_web import public
+
+    return public.locale_for(req.headers, req.params) if req is not None else ("en", False)
 
 
-def _continue_page(redirect: str, script: str) -> str:
+def _waiting_page(req: func.HttpRequest | None, script: str = "") -> str:
+    """The patient's waiting page, in their language (refreshes itself to /api/launch/wait)."""
+    from connector_core.service.portal_web import public
+
+    locale, chosen = _locale(req)
+    return public.waiting_html(
+        locale=locale,
+        chosen=chosen,
+        refresh_seconds=WAIT_REFRESH_SECONDS,
+        script=script,
+        correlation_id=correlation_id(),
+    )
+
+
+def _continue_page(req: func.HttpRequest | None, redirect: str, script: str) -> str:
     """A framed redirect: the script moves on at once; without script, a link (the cookies are
     then only those the browser kept from the ``Set-Cookie`` headers)."""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Opening your video visit</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-{_PAGE_STYLE}{script}</head>
-<body><h1>Opening your video visit</h1>
-<noscript><p class="noscript">This page needs JavaScript to continue inside your health record.
-<a href="{html.escape(redirect, quote=True)}">Continue</a></p></noscript>
-<p class="cid">Reference: <code>{html.escape(correlation_id())}</code></p>
-</body></html>"""
+    from connector_core.service.portal_web import public
+
+    locale, _ = _locale(req)
+    return public.continue_html(
+        locale=locale, redirect=redirect, script=script, correlation_id=correlation_id()
+    )
 
 
-def _respond(result: LaunchResult, *, framed: bool = False) -> func.HttpResponse:
+def _respond(
+    result: LaunchResult, req: func.HttpRequest | None = None, *, framed: bool = False
+) -> func.HttpResponse:
     """A 302 (or the waiting page) with the cookies as ``Set-Cookie`` headers. ``framed`` (a
     frame navigation) with cookies to set: a 200 page whose nonce'd script also sets them,
     partitioned, then goes to the same redirect target; its CSP allows only that script."""
@@ -177,7 +180,11 @@ def _respond(result: LaunchResult, *, framed: bool = False) -> func.HttpResponse
     if framed and result.cookies:
         nonce = secrets.token_urlsafe(18)
         script = _cookie_script(result.cookies, redirect, nonce)
-        page = _waiting_page(script) if redirect is None else _continue_page(redirect, script)
+        page = (
+            _waiting_page(req, script)
+            if redirect is None
+            else _continue_page(req, redirect, script)
+        )
         headers["Content-Security-Policy"] = f"{_LAUNCH_CSP}; script-src 'nonce-{nonce}'"
         response = func.HttpResponse(
             page, status_code=200, mimetype="text/html", charset="utf-8", headers=headers
@@ -186,7 +193,11 @@ def _respond(result: LaunchResult, *, framed: bool = False) -> func.HttpResponse
         response = func.HttpResponse(status_code=302, headers={**headers, "Location": redirect})
     else:
         response = func.HttpResponse(
-            _waiting_page(), status_code=200, mimetype="text/html", charset="utf-8", headers=headers
+            _waiting_page(req),
+            status_code=200,
+            mimetype="text/html",
+            charset="utf-8",
+            headers=headers,
         )
     for set_cookie in set_cookies:
         response.headers.add("Set-Cookie", set_cookie)
@@ -202,8 +213,9 @@ def _start(req: func.HttpRequest, role: str) -> func.HttpResponse:
         config_id=req.route_params.get("configId", ""),
         iss=req.params.get("iss"),
         launch=req.params.get("launch"),
+        session_id=req.params.get("sessionId", req.params.get("conferenceId")),
     )
-    return _respond(result, framed=_in_frame(req))
+    return _respond(result, req, framed=_in_frame(req))
 
 
 @bp.route(
@@ -236,6 +248,7 @@ def launch_callback(req: func.HttpRequest) -> func.HttpResponse:
 
     return _respond(
         service.complete_launch(container(), query=_query(req), cookies=_cookies(req)),
+        req,
         framed=_in_frame(req),
     )
 
@@ -248,6 +261,7 @@ def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
 
     return _respond(
         service.complete_sso(container(), query=_query(req), cookies=_cookies(req)),
+        req,
         framed=_in_frame(req),
     )
 
@@ -259,4 +273,4 @@ def launch_wait(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.service import launch as service
 
     result = service.poll_waiting(container(), cookies=_cookies(req))
-    return _respond(result, framed=_in_frame(req))
+    return _respond(result, req, framed=_in_frame(req))

@@ -35,7 +35,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -309,6 +309,57 @@ def _visit_cookie(container: Container, key: str) -> SetCookie:
 # --- 1. launch ------------------------------------------------------------------------------
 
 
+def _session_id(value: str | None) -> str | None:
+    """The launch URL's session id, or ``None``; an Epic token left unfilled is a setup
+    mistake with its own message."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text or "%" in text:
+        raise InvalidInputError(
+            "The EHR did not fill in the visit's session id: the launch URL's sessionId is "
+            "empty or still reads like %CONFERENCEID% or %CSN%.",
+            action="Ask your EHR analyst to check the integration record's launch URL: the "
+            "group-visit record needs sessionId=%CONFERENCEID%, the others sessionId=%CSN%, "
+            "exactly as the configuration portal shows them.",
+            reason="session_id_unfilled",
+        )
+    if len(text) > 128 or not text.isprintable():
+        raise InvalidInputError("The launch URL's sessionId is not a usable id.")
+    return text
+
+
+def _untrusted_iss(
+    container: Container, config: TenantConfig, iss: str | None
+) -> PermissionDeniedError:
+    """The refusal of a launch from another EHR, naming the commonest setup mistake: the
+    launch URL of the tenant's other environment (test in production or the reverse)."""
+    other = None
+    if iss is not None:
+        try:
+            for versioned in container.configs.list(config.tenant_id):
+                if versioned.record.id != config.id and versioned.record.fhir_base_url == iss:
+                    other = versioned.record
+                    break
+        except ConnectorError:
+            other = None  # the plain message below still holds
+    if other is not None:
+        here, there = config.environment.value, other.environment.value
+        return PermissionDeniedError(
+            f"This launch URL belongs to your {here} configuration, but the EHR opened it from "
+            f"its {there} environment.",
+            action=f"Ask your EHR analyst to use, in the {there} environment, the launch URLs of "
+            f"the {there} configuration (the configuration portal lists both).",
+            reason="other_environment",
+        )
+    return PermissionDeniedError(
+        "This launch came from an EHR that this virtual-visit configuration does not trust.",
+        action="Ask your EHR analyst to check that the launch URL in the EHR belongs to this "
+        "EHR environment (test or production).",
+        reason="untrusted_iss",
+    )
+
+
 def start_launch(
     container: Container,
     *,
@@ -316,8 +367,13 @@ def start_launch(
     config_id: str,
     iss: str | None,
     launch: str | None,
+    session_id: str | None = None,
 ) -> LaunchResult:
-    """Validate the EHR launch and send the browser to the EHR's authorize endpoint."""
+    """Validate the EHR launch and send the browser to the EHR's authorize endpoint.
+
+    ``session_id``: the launch URL's ``sessionId`` (or ``conferenceId``), which Epic fills from
+    the integration record (``%CONFERENCEID%`` on the group-visit record, ``%CSN%`` on the
+    others); kept sealed in the state, it names the visit ahead of appointment and encounter."""
     if not iss or not launch:
         raise InvalidInputError(
             "This page must be opened by the EHR: the launch parameters (iss, launch) are missing.",
@@ -325,15 +381,12 @@ def start_launch(
         )
     if len(launch) > 2048 or len(iss) > 2048:
         raise InvalidInputError("The launch parameters are too long.")
+    session = _session_id(session_id)
     config = container.launch_cache.config(config_id)
     issuer = _normalize_iss(config.fhir_base_url)
     if issuer is None or _normalize_iss(iss) != issuer:
         log_event(_log, "launch.iss_mismatch", level=logging.WARNING, config_id=config.id)
-        raise PermissionDeniedError(
-            "This launch came from an EHR that this virtual-visit configuration does not trust.",
-            action="Ask your EHR analyst to check that the launch URL in the EHR belongs to this "
-            "EHR environment (test or production).",
-        )
+        raise _untrusted_iss(container, config, _normalize_iss(iss))
     smart = container.smart.get_configuration(
         config.fhir_base_url, allowed_hosts=config.ehr_endpoint_hosts
     )
@@ -366,6 +419,7 @@ def start_launch(
             "nonce": nonce,
             "ck": cookie_id,
             "bind": _sha256(browser_secret),
+            "sess": session,
         },
         ttl_seconds=STATE_TTL_SECONDS,
     )
@@ -494,6 +548,10 @@ def complete_launch(
     context = read_launch_context(
         patient=tokens.patient, encounter=tokens.encounter, fhir_context=tokens.fhir_context
     )
+    session = payload.get("sess")
+    if isinstance(session, str) and session and not context.conference_id:
+        # The EHR's own (authenticated) context wins; else the launch URL's session id.
+        context = replace(context, conference_id=session)
     identifier = context.visit_identifier()
     if identifier is None:
         raise InvalidInputError(

@@ -203,11 +203,21 @@ class World:
         return result
 
     def start(
-        self, role: LaunchRole = LaunchRole.PROVIDER, *, iss: str = FHIR, launch: str = "L"
+        self,
+        role: LaunchRole = LaunchRole.PROVIDER,
+        *,
+        iss: str = FHIR,
+        launch: str = "L",
+        session_id: str | None = None,
     ) -> LaunchResult:
         return self.apply(
             start_launch(
-                self.container, role=role, config_id=self.config.id, iss=iss, launch=launch
+                self.container,
+                role=role,
+                config_id=self.config.id,
+                iss=iss,
+                launch=launch,
+                session_id=session_id,
             )
         )
 

@@ -86,3 +86,53 @@ def test_clinician_and_patient_start_a_visit_from_each_profile(
     finally:
         clinician.close()
         patient.close()
+
+
+def test_epic_group_visit_by_session_id_reaches_one_meeting(fresh_stack: Stack) -> None:
+    """Epic passes a group visit's conference id only as the launch URL's ``sessionId``
+    (``%CONFERENCEID%`` on the group-visit record), not in the token's context: the clinician
+    and both patients of the two appointments of one group visit reach one meeting."""
+    s = fresh_stack
+    profile = s.sandbox.ehr.profile("epic")
+    config = _config(s, profile)
+    clinician = s.browser()
+    patients = [s.browser(), s.browser()]
+    try:
+        first, second = seed.GROUP_APPOINTMENT_IDS
+        url = profile.launch_url(config.id, appointment_id=first, user="clinician")
+        assert "sessionId=" in url  # as Epic's group-visit integration record sends it
+        response = clinician.get(url)
+        if is_entra_picker(response):
+            practitioner = seed.APPOINTMENTS[first].practitioner_id
+            upn = s.sandbox.entra.user_for_practitioner(practitioner).upn
+            response = pick_account(clinician, response, upn)
+        staff = Landing(response)
+        assert staff.meeting_id, response.text[:800]
+        for browser, appointment in zip(patients, (first, second), strict=True):
+            guest = Landing(
+                browser.get(
+                    profile.launch_url(config.id, appointment_id=appointment, user="patient")
+                )
+            )
+            assert guest.meeting_id == staff.meeting_id, guest.response.text[:800]
+            assert guest.mode == "guest"
+    finally:
+        clinician.close()
+        for browser in patients:
+            browser.close()
+        s.container().configs.delete(config.tenant_id, config.id)
+
+
+def test_an_unfilled_epic_token_in_the_launch_url_is_a_clear_page(fresh_stack: Stack) -> None:
+    s = fresh_stack
+    profile = s.sandbox.ehr.profile("epic")
+    config = _config(s, profile)
+    try:
+        url = profile.launch_url(config.id, appointment_id=APPOINTMENT, user="clinician")
+        response = s.browser().get(url + "&sessionId=%25CONFERENCEID%25")
+        assert response.status_code == 400, response.text[:500]
+        assert "did not fill in the visit" in response.text
+        assert "sessionId=%CONFERENCEID%" in html.unescape(response.text)
+        assert "Reference (correlation id)" in response.text
+    finally:
+        s.container().configs.delete(config.tenant_id, config.id)
