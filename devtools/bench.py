@@ -7,7 +7,9 @@ Sections (each in its own local services; nothing leaves 127.0.0.1):
   peak RSS, as ratios; and that no heavy module (fhir.resources, msal, jwt, AES-GCM,
   azure.identity) is imported.
 * ``launch`` (``devtools/bench_launch.py``): connector-added ms of a clinician's launch on a warm
-  worker (p50/p95), table operations and outbound calls per launch, a cold first launch.
+  worker (p50/p95), table operations and outbound calls per launch, a cold first launch; once
+  driven like a browser through the local host over real HTTP (``browser: ...``: the browser's
+  requests to the connector minus the stand-ins' own handler time), once in-process.
 * ``presence`` (``devtools/bench_presence.py``): webhook acknowledgement p50/p99/max under a
   burst of 200 notifications/s for 30 s, and the end-to-end delay until each write-back reaches
   the EHR, with lost/duplicated write-backs.

@@ -9,6 +9,9 @@ Used by ``make run`` (a person clicks through a demo) and by the integration/e2e
 Each server runs in a :class:`devtools._serve.ServerThread` on a free loopback port. The Entra
 stand-in is served over HTTPS with a local CA (:mod:`devtools.sandbox.tls`); clients trust it
 through ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE`` (both in :meth:`Sandbox.connector_settings`).
+Each stand-in's handler time is added to ``Sandbox.timing`` (:mod:`devtools._timing`, labels
+``ehr``, ``entra``, ``graph``), so a benchmark can tell the stand-ins' own time from the
+connector's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from devtools._serve import ServerThread
+from devtools._timing import HandlerClock, timed
 from devtools.sandbox.entra import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SandboxEntra
 from devtools.sandbox.graph import SandboxGraph
 from devtools.sandbox.tls import SandboxTls, ensure_tls
@@ -74,15 +78,20 @@ class Sandbox:
             redirect_uris=[f"{self.connector_url}/api/launch/sso-callback", *portal_redirect_uris],
         )
         self.graph = SandboxGraph(entra=self.entra)
-        self._ehr_server = ServerThread(self.ehr.app, port=ehr_port, name="sandbox-ehr")
+        self.timing = HandlerClock()  # the stand-ins' own handler time (for benchmarks)
+        self._ehr_server = ServerThread(
+            timed(self.ehr.app, self.timing, "ehr"), port=ehr_port, name="sandbox-ehr"
+        )
         self._entra_server = ServerThread(
-            self.entra.app,
+            timed(self.entra.app, self.timing, "entra"),
             port=entra_port,
             certfile=str(self.tls.server_cert),
             keyfile=str(self.tls.server_key),
             name="sandbox-entra",
         )
-        self._graph_server = ServerThread(self.graph.app, port=graph_port, name="sandbox-graph")
+        self._graph_server = ServerThread(
+            timed(self.graph.app, self.timing, "graph"), port=graph_port, name="sandbox-graph"
+        )
         self.ehr_url: str = self._ehr_server.url
         self.entra_url: str = self._entra_server.url
         self.graph_url: str = self._graph_server.url
