@@ -2,8 +2,9 @@
 
 Seeds one approved connector config per sandbox EHR profile (default SMART, Epic, Oracle Health)
 and prints the sandbox EHR page to open (click "Start virtual visit" as clinician or patient in
-any profile's table), the connector URL and a portal token for trying the configuration API.
-Ctrl-C stops everything.
+any profile's table), the configuration portal with the account to pick for each of its personas
+(admin, approver, admin who is also the approver, a user with no role), the connector URL and a
+portal token for trying the configuration API. Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from devtools.sandbox import Sandbox
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portal_url(public_url: str) -> str:
+    return f"{public_url}/api/portal"
 
 
 def _connector_env(
@@ -34,6 +43,8 @@ def _connector_env(
         "CONNECTOR_PUBLIC_URL": public_url,
         "CONNECTOR_STORAGE": storage,
         "CONNECTOR_DEV_MODE": "1",
+        # The approver's EHR sign-in returns to the portal's page.
+        "CONNECTOR_PORTAL_URL": portal_url(public_url),
         **sandbox_settings,
     }
 
@@ -59,6 +70,17 @@ def _seed_config(fhir_base: str, tenant_id: str, approver: str, vendor: str) -> 
     return config.id
 
 
+def persona_lines(sandbox: Sandbox, tenant_id: str) -> str:
+    """One line per portal persona: its name, the account to pick, what it does."""
+    from devtools.sandbox.entra import PORTAL_PERSONAS
+
+    lines = []
+    for name, what in PORTAL_PERSONAS.items():
+        upn = sandbox.entra.persona(name, tenant_id).upn
+        lines.append(f"    {name:<15} {upn:<44} {what}\n")
+    return "".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.run", description=__doc__)
     parser.add_argument("--port", type=int, default=7071, help="connector port (default 7071)")
@@ -77,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with (
         Azurite() as azurite,
-        Sandbox(connector_url=public_url, state_dir=REPO_ROOT / ".run") as sandbox,
+        Sandbox(
+            connector_url=public_url,
+            state_dir=REPO_ROOT / ".run",
+            portal_redirect_uris=(f"{portal_url(public_url)}/signin-callback",),
+        ) as sandbox,
     ):
         env = _connector_env(public_url, azurite.connection_string, sandbox.connector_settings())
         os.environ.update(env)
@@ -106,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"             issuer    {profile.issuer}\n"
                 )
             token = sandbox.entra.mint_user_token(admin)
+            personas = persona_lines(sandbox, tenant.tid)
             print(
                 "\n"
                 "  EHR virtual-visit connector: local demo\n"
@@ -113,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"  Connector:      {public_url}/api/health\n"
                 f"  Sandbox EHR profiles (approved configs, tenant {tenant.name}):\n"
                 f"{''.join(profiles)}"
+                f"  Configuration portal:  {portal_url(public_url)}\n"
+                '  Click "Sign in with Microsoft", then pick the account of the persona:\n'
+                f"{personas}"
                 f"  Entra (HTTPS):  {sandbox.entra_url}   Graph/Teams: {sandbox.graph_url}\n"
                 '  Portal API:     curl -H "Authorization: Bearer $TOKEN" '
                 f"{public_url}/api/configs\n"

@@ -27,11 +27,13 @@ __all__ = [
     "MAX_BODY_BYTES",
     "api",
     "browser",
+    "browser_error_page",
     "container",
     "html_page",
     "json_response",
     "problem_response",
     "read_json_body",
+    "request_correlation_id",
 ]
 
 MAX_BODY_BYTES = 64 * 1024
@@ -51,9 +53,13 @@ def container() -> Container:
     return get_container()
 
 
-def _correlation_id(req: func.HttpRequest) -> str:
+def request_correlation_id(req: func.HttpRequest) -> str:
+    """The caller's ``x-correlation-id`` when well-formed, else a new one."""
     supplied = req.headers.get("x-correlation-id", "")
     return supplied if _CORRELATION_RE.match(supplied) else new_correlation_id()
+
+
+_correlation_id = request_correlation_id
 
 
 def json_response(
@@ -164,6 +170,46 @@ def api(handler: Handler) -> Handler:
     return wrapper
 
 
+def browser_error_page(
+    req: func.HttpRequest, error: ConnectorError | None, correlation_id: str
+) -> func.HttpResponse:
+    """The friendly error page in the browser's language (English, Portuguese, Spanish); the
+    plain English page if rendering it fails, so an error page never fails."""
+    status = error.http_status if error is not None else 500
+    headers = {"x-correlation-id": correlation_id, "Cache-Control": "no-store"}
+    try:
+        from connector_core.service.portal_web import public
+
+        locale, _ = public.locale_for(req.headers, req.params)
+        body = public.error_html(locale=locale, error=error, correlation_id=correlation_id)
+        headers["Content-Language"] = locale
+    except Exception:
+        _log.exception("request.error_page_failed")
+        if error is None:
+            return html_page(
+                title="Something went wrong",
+                message="The request could not be completed because of an unexpected error.",
+                action="Try again from the EHR. If it keeps happening, contact your "
+                "administrator and give them the reference below.",
+                correlation_id=correlation_id,
+                status=500,
+            )
+        return html_page(
+            title=error.title,
+            message=error.detail,
+            action=str(
+                error.extra.get("action")
+                or "Go back to the EHR and try again. If it keeps happening, contact your "
+                "administrator and give them the reference below."
+            ),
+            correlation_id=correlation_id,
+            status=status,
+        )
+    return func.HttpResponse(
+        body, status_code=status, mimetype="text/html", charset="utf-8", headers=headers
+    )
+
+
 def browser(handler: Handler) -> Handler:
     """Wrap a browser endpoint: friendly HTML page on error, never a stack trace."""
 
@@ -175,27 +221,10 @@ def browser(handler: Handler) -> Handler:
                 response = handler(req)
             except ConnectorError as error:
                 _log_failure(error, req)
-                return html_page(
-                    title=error.title,
-                    message=error.detail,
-                    action=str(
-                        error.extra.get("action")
-                        or "Go back to the EHR and try again. If it keeps happening, contact "
-                        "your administrator and give them the reference below."
-                    ),
-                    correlation_id=cid,
-                    status=error.http_status,
-                )
+                return browser_error_page(req, error, cid)
             except Exception as error:
                 _log_failure(error, req)
-                return html_page(
-                    title="Something went wrong",
-                    message="The request could not be completed because of an unexpected error.",
-                    action="Try again from the EHR. If it keeps happening, contact your "
-                    "administrator and give them the reference below.",
-                    correlation_id=cid,
-                    status=500,
-                )
+                return browser_error_page(req, None, cid)
             response.headers["x-correlation-id"] = cid
             return response
 

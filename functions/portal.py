@@ -15,7 +15,6 @@ from functions._http import (
     api,
     browser,
     container,
-    html_page,
     json_response,
     read_json_body,
 )
@@ -156,13 +155,15 @@ def portal_ehr_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
         return func.HttpResponse(
             status_code=302, headers={"Location": done.redirect_url, **_NO_STORE}
         )
-    return html_page(
-        title="EHR sign-in complete",
-        message="Your EHR sign-in was recorded for this configuration.",
-        action="Return to the configuration portal and approve the configuration within 30 "
-        "minutes.",
-        correlation_id=correlation_id(),
-        status=200,
+    from connector_core.service.portal_web import public
+
+    locale, _ = public.locale_for(req.headers, req.params)
+    return func.HttpResponse(
+        public.signin_done_html(locale=locale, correlation_id=correlation_id()),
+        status_code=200,
+        mimetype="text/html",
+        charset="utf-8",
+        headers={**_NO_STORE, "Content-Language": locale},
     )
 
 

@@ -110,7 +110,10 @@ class Stack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api = f"{self.url}/api"
-        self.sandbox = Sandbox(connector_url=self.url)
+        self.portal = f"{self.api}/portal"
+        self.sandbox = Sandbox(
+            connector_url=self.url, portal_redirect_uris=(f"{self.portal}/signin-callback",)
+        )
         self.logs = LogCapture()
         self._saved_env: dict[str, str | None] = {}
         self.host: Any = None
@@ -125,7 +128,8 @@ class Stack:
             "CONNECTOR_PUBLIC_URL": self.url,
             "CONNECTOR_STORAGE": self.azurite.connection_string,
             "CONNECTOR_DEV_MODE": "1",
-            "CONNECTOR_PORTAL_URL": "",
+            # The approver's EHR sign-in returns to the portal's page, as in `make run`.
+            "CONNECTOR_PORTAL_URL": self.portal,
             "ENTRA_API_AUDIENCE": "",
             **dev_secret_settings(),
             **self.sandbox.connector_settings(),

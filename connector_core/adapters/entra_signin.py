@@ -24,7 +24,7 @@ from connector_core.errors import AuthenticationError, DependencyError, Settings
 if TYPE_CHECKING:
     from connector_core.settings import Settings
 
-__all__ = ["EntraSignIn", "EntraUser", "MsalApps"]
+__all__ = ["EntraSignIn", "EntraUser", "MsalApps", "client_credential"]
 
 # Fields of msal's flow dict needed to complete it (auth_uri is only for the redirect).
 _FLOW_KEYS = ("state", "redirect_uri", "scope", "code_verifier", "nonce", "claims_challenge")
@@ -38,6 +38,29 @@ class EntraUser:
     tid: str
 
 
+def client_credential(settings: Settings) -> Any:
+    """msal's ``client_credential``: the secret, else the certificate (PEM) and its thumbprint."""
+    if settings.entra_client_secret is not None:
+        return settings.entra_client_secret.get_secret_value()
+    if settings.entra_client_certificate is None:
+        raise SettingsError("ENTRA_CLIENT_SECRET", "missing")
+    pem = settings.entra_client_certificate.get_secret_value()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        raise SettingsError(
+            "ENTRA_CLIENT_CERTIFICATE", "must be a PEM certificate and its PEM private key"
+        ) from None
+    return {
+        "private_key": pem,
+        "thumbprint": cert.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - Entra's x5t
+        "public_certificate": pem,
+    }
+
+
 class MsalApps:
     """msal confidential client apps, one per tenant, built once (thread-safe)."""
 
@@ -47,26 +70,7 @@ class MsalApps:
         self._lock = threading.Lock()
 
     def _credential(self) -> Any:
-        settings = self._settings
-        if settings.entra_client_secret is not None:
-            return settings.entra_client_secret.get_secret_value()
-        if settings.entra_client_certificate is None:
-            raise SettingsError("ENTRA_CLIENT_SECRET", "missing")
-        pem = settings.entra_client_certificate.get_secret_value()
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-
-        try:
-            cert = x509.load_pem_x509_certificate(pem.encode())
-        except ValueError:
-            raise SettingsError(
-                "ENTRA_CLIENT_CERTIFICATE", "must be a PEM certificate and its PEM private key"
-            ) from None
-        return {
-            "private_key": pem,
-            "thumbprint": cert.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - Entra's x5t
-            "public_certificate": pem,
-        }
+        return client_credential(self._settings)
 
     def app(self, tenant_id: str) -> Any:
         app = self._apps.get(tenant_id)

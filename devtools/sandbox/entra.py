@@ -67,6 +67,7 @@ __all__ = [
     "GRAPH_APP_ID",
     "GRAPH_AUDIENCE",
     "GRAPH_CHANGE_TRACKING_APP_ID",
+    "PORTAL_PERSONAS",
     "SENSITIVE_VALUES",
     "TENANTS",
     "USERS",
@@ -121,6 +122,8 @@ class EntraUser:
     roles: tuple[str, ...] = ()  # app roles assigned for the connector's API
     ehr_practitioner_id: str | None = None  # the matching Practitioner in the EHR seed
     disabled: bool = False
+    # Who to pick for each configuration-portal persona (PORTAL_PERSONAS); None for others.
+    portal_persona: str | None = None
 
 
 # --- seed -----------------------------------------------------------------------------------------
@@ -169,6 +172,7 @@ def _make_user(
     *,
     upn_local: str | None = None,
     practitioner_id: str | None = None,
+    persona: str | None = None,
 ) -> EntraUser:
     local = upn_local or f"{given}.{family}".lower()
     upn = f"{local}@{tenant.domain}"
@@ -183,18 +187,42 @@ def _make_user(
         kind=kind,
         roles=roles,
         ehr_practitioner_id=practitioner_id,
+        portal_persona=persona,
     )
 
 
 def _seed_users() -> dict[str, EntraUser]:
     contoso, fabrikam = TENANTS[CONTOSO_TID], TENANTS[FABRIKAM_TID]
-    users = [_make_user(contoso, "Leopoldine", "Achterberg", "admin", upn_local="admin")]
+    users = [
+        _make_user(contoso, "Leopoldine", "Achterberg", "admin", upn_local="admin", persona="admin")
+    ]
     for given, family, kind, prac in _ehr_people():
         local = "ehr.analyst" if kind == "approver" else None
         users.append(
-            _make_user(contoso, given, family, kind, upn_local=local, practitioner_id=prac)
+            _make_user(
+                contoso,
+                given,
+                family,
+                kind,
+                upn_local=local,
+                practitioner_id=prac,
+                persona="approver" if kind == "approver" else None,
+            )
         )
     users += [
+        # A small health system's IT lead: Connector.Admin and the EHR analyst who approves.
+        _make_user(
+            contoso,
+            "Ismenia",
+            "Folkestad",
+            "admin",
+            upn_local="it.lead",
+            persona="admin-approver",
+        ),
+        # Signed in to the portal with no app role and named approver of nothing.
+        _make_user(
+            contoso, "Casimir", "Wendelboe", "staff", upn_local="front.desk", persona="no-role"
+        ),
         _make_user(fabrikam, "Evander", "Muirhollow", "admin", upn_local="admin"),
         _make_user(fabrikam, "Ottoline", "Brackenridge", "approver", upn_local="ehr.analyst"),
         _make_user(fabrikam, "Cornelius", "Ashgrove-Tiller", "clinician"),
@@ -203,6 +231,14 @@ def _seed_users() -> dict[str, EntraUser]:
 
 
 USERS: dict[str, EntraUser] = _seed_users()
+
+PORTAL_PERSONAS: dict[str, str] = {
+    "admin": "Microsoft 365 admin (Connector.Admin): registers FHIR base URLs, names approvers",
+    "approver": "EHR analyst: signs in to the EHR for a configuration, approves it",
+    "admin-approver": "admin who is also the approver (Connector.Admin, names themselves)",
+    "no-role": "a user with no app role and no configuration to approve",
+}
+"""The configuration portal's personas (``EntraUser.portal_persona``) and what each does."""
 
 
 def _sensitive() -> list[str]:
@@ -371,6 +407,13 @@ class SandboxEntra:
             if user.upn.lower() == upn.lower():
                 return user
         raise KeyError(upn)
+
+    def persona(self, name: str, tid: str = CONTOSO_TID) -> EntraUser:
+        """The user to pick for a portal persona (``PORTAL_PERSONAS``) in that tenant."""
+        for user in self.users_in(tid):
+            if user.portal_persona == name:
+                return user
+        raise KeyError(name)
 
     def user_for_practitioner(self, practitioner_id: str) -> EntraUser:
         for user in self.users.values():
@@ -599,6 +642,14 @@ class SandboxEntra:
         claims = self.graph_token_claims(tid)
         claims.update(overrides)
         return self._sign(claims)
+
+    def mint_delegated_graph_token(self, upn: str, scopes: str = "User.ReadBasic.All") -> str:
+        """A delegated Graph token for a seeded user, as the authorization code or refresh
+        token grant issues it for Graph scopes (``scp`` = ``scopes``)."""
+        user = self.user_by_upn(upn)
+        graph_scopes = " ".join(f"{GRAPH_AUDIENCE}/{s}" for s in scopes.split())
+        tokens = self._user_tokens(user, self.client_id, graph_scopes, nonce=None)
+        return str(tokens["access_token"])
 
     def mint_notification_validation_token(self, tid: str) -> str:
         """A ``validationTokens`` entry of a rich Graph notification (aud = our app id)."""
@@ -987,11 +1038,18 @@ class SandboxEntra:
                 )
                 classes = "account" + (" disabled" if u.disabled else "")
                 hinted = ' data-hinted="true"' if u.upn.lower() == hint else ""
+                persona = label = ""
+                if u.portal_persona:
+                    persona = (
+                        f' data-persona="{html.escape(u.portal_persona)}"'
+                        f' title="{html.escape(PORTAL_PERSONAS.get(u.portal_persona, ""))}"'
+                    )
+                    label = f" <small>portal: {html.escape(u.portal_persona)}</small>"
                 parts.append(
                     f'<li><a class="{classes}" data-upn="{html.escape(u.upn)}" '
-                    f'data-oid="{u.oid}" data-tid="{u.tid}" data-kind="{u.kind}"{hinted} '
+                    f'data-oid="{u.oid}" data-tid="{u.tid}" data-kind="{u.kind}"{hinted}{persona} '
                     f'href="{html.escape(href)}">{html.escape(u.display_name)}'
-                    f" <small>{html.escape(u.upn)}</small></a></li>"
+                    f" <small>{html.escape(u.upn)}</small>{label}</a></li>"
                 )
             parts.append("</ul>")
         return _page("Sign in to your account (sandbox)", "".join(parts))

@@ -11,6 +11,8 @@ https://graph.microsoft.com, verified in process against the Entra stand-in's ke
     PATCH  /{v1.0|beta}/subscriptions/{id}                            renew (expirationDateTime)
     DELETE /{v1.0|beta}/subscriptions/{id}
     POST   /{v1.0|beta}/subscriptions/{id}/reauthorize
+    GET    /{v1.0|beta}/users?$search="displayName:..."   directory search (delegated token with
+                                                          User.ReadBasic.All, or app User.Read.All)
 
 Meeting page (what a person opens): each ``joinWebUrl`` is
 ``{graph_url}/l/meetup-join/19%3ameeting_{thread}%40thread.v2/0?context={"Tid","Oid"}`` like
@@ -810,6 +812,7 @@ class SandboxGraph:
                 methods=["GET", "PATCH", "DELETE"],
             ),
             Route("/{ver}/subscriptions/{sub_id}/reauthorize", self._reauthorize, methods=["POST"]),
+            Route("/{ver}/users", self._users, methods=["GET"]),
         ]
         page = [
             Route("/", self._index),
@@ -1360,6 +1363,106 @@ class SandboxGraph:
 
         return await self._api(request, _READ_ROLES, handler)
 
+    # directory search ---------------------------------------------------------------------------
+
+    async def _users(self, request: Request) -> Response:
+        """``GET /v1.0/users`` with ``$search``, as Graph answers it for directory objects:
+        ``ConsistencyLevel: eventual`` required, clauses ``"property:value"`` joined by OR/AND,
+        ``displayName`` tokenized (each word of the value is a prefix of a word of the name),
+        other properties matched with startsWith; ``$select``, ``$top``, ``$count``,
+        ``$orderby=displayName``. Users of the token's tenant only."""
+        path = request.url.path
+        response: Response
+        if request.path_params.get("ver") not in ("v1.0", "beta"):
+            response = _graph_error(400, "BadRequest", "Invalid version.")
+        elif (fault := self._take_fault(path)) is not None:
+            response = fault
+        else:
+            try:
+                claims = self._directory_claims(request)
+                response = self._directory_answer(request, claims)
+            except _ApiError as err:
+                response = _graph_error(err.status, err.code, err.message)
+        self.requests.append((request.method, path, response.status_code))
+        return response
+
+    def _directory_claims(self, request: Request) -> dict[str, Any]:
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            raise _ApiError(401, "InvalidAuthenticationToken", "Access token is empty.")
+        try:
+            # Delegated Graph tokens carry aud 00000003-...; app-only ones the resource URL.
+            claims = self.entra.verify_token(
+                auth[7:].strip(), audience=[GRAPH_AUDIENCE, GRAPH_APP_ID]
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise _ApiError(
+                401,
+                "InvalidAuthenticationToken",
+                "Lifetime validation failed, the token is expired.",
+            ) from exc
+        except jwt.PyJWTError as exc:
+            raise _ApiError(
+                401, "InvalidAuthenticationToken", f"Access token validation failure. {exc}"
+            ) from exc
+        scopes = set(str(claims.get("scp", "")).split())
+        roles = set(claims.get("roles", []) or [])
+        if not (scopes & _DIRECTORY_SCOPES or roles & _DIRECTORY_ROLES):
+            raise _ApiError(403, "Authorization_RequestDenied", _INSUFFICIENT)
+        claims["_basic_only"] = not (scopes & _DIRECTORY_FULL or roles & _DIRECTORY_ROLES)
+        return claims
+
+    def _directory_answer(self, request: Request, claims: dict[str, Any]) -> Response:
+        params = request.query_params
+        search = params.get("$search")
+        if search is not None and request.headers.get("consistencylevel", "").lower() != "eventual":
+            raise _ApiError(
+                400,
+                "Request_UnsupportedQuery",
+                "Request with $search query parameter only works through MSGraph with a special "
+                "request header: 'ConsistencyLevel: eventual'",
+            )
+        select = [s.strip() for s in params.get("$select", "").split(",") if s.strip()]
+        fields = select or list(_USER_DEFAULT_FIELDS)
+        unknown = [f for f in fields if f.lower() not in _USER_FIELDS]
+        if unknown:
+            raise _ApiError(
+                400,
+                "Request_BadRequest",
+                f"Could not find a property named '{unknown[0]}' on type 'microsoft.graph.user'.",
+            )
+        if claims["_basic_only"] and any(f.lower() not in _USER_BASIC for f in fields):
+            raise _ApiError(403, "Authorization_RequestDenied", _INSUFFICIENT)
+        try:
+            top = int(params.get("$top", "100"))
+        except ValueError:
+            raise _ApiError(400, "BadRequest", "Invalid value for $top.") from None
+        if not 1 <= top <= 999:
+            raise _ApiError(400, "Request_BadRequest", f"Invalid page size specified: '{top}'.")
+        users = list(self.entra.users_in(str(claims["tid"])))
+        if search is not None:
+            match = _parse_directory_search(search)
+            users = [u for u in users if match(u)]
+        order = params.get("$orderby", "")
+        if order:
+            if order.strip().lower() not in ("displayname", "displayname asc", "displayname desc"):
+                raise _ApiError(
+                    400, "Request_UnsupportedQuery", f"Unsupported sort property '{order}'."
+                )
+            users.sort(
+                key=lambda u: u.display_name.lower(), reverse=order.strip().lower().endswith("desc")
+            )
+        rows = [{name: _user_property(u, name) for name in fields} for u in users[:top]]
+        ver = request.path_params["ver"]
+        body: dict[str, Any] = {
+            "@odata.context": f"https://graph.microsoft.com/{ver}/$metadata#users"
+            + (f"({','.join(select)})" if select else "")
+        }
+        if params.get("$count", "").lower() == "true":
+            body["@odata.count"] = len(users)
+        body["value"] = rows
+        return JSONResponse(body)
+
     # meeting page ---------------------------------------------------------------------------------
 
     async def _index(self, request: Request) -> HTMLResponse:
@@ -1552,6 +1655,96 @@ def _teams_quote(value: str) -> str:
         lambda m: m.group(0).lower() if m.group(0) != "%40" else "%40",
         quote(value, safe=""),
     )
+
+
+_INSUFFICIENT = "Insufficient privileges to complete the operation."
+_DIRECTORY_SCOPES = {"User.ReadBasic.All", "User.Read.All", "Directory.Read.All"}
+_DIRECTORY_FULL = {"User.Read.All", "Directory.Read.All"}
+_DIRECTORY_ROLES = {"User.Read.All", "Directory.Read.All"}
+# User.ReadBasic.All reads only the basic profile.
+_USER_BASIC = {"id", "displayname", "givenname", "surname", "mail", "userprincipalname"}
+_USER_FIELDS = _USER_BASIC | {"accountenabled", "jobtitle", "preferredlanguage"}
+_USER_DEFAULT_FIELDS = ("id", "displayName", "givenName", "surname", "mail", "userPrincipalName")
+_SEARCHABLE = {"displayname", "mail", "userprincipalname", "givenname", "surname"}
+_CLAUSE = re.compile(r'\s*(\(|\)|"(?P<clause>(?:[^"\\]|\\.)*)"|(?P<op>AND|OR)\b)\s*')
+
+
+def _user_property(user: Any, name: str) -> Any:
+    return {
+        "id": user.oid,
+        "displayname": user.display_name,
+        "givenname": user.given_name,
+        "surname": user.surname,
+        "mail": user.upn,
+        "userprincipalname": user.upn,
+        "accountenabled": not user.disabled,
+        "jobtitle": None,
+        "preferredlanguage": None,
+    }[name.lower()]
+
+
+def _tokens(text: str) -> list[str]:
+    """Graph tokenizes displayName on spaces, symbols and lower-to-upper case changes."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", text)
+    return [t for t in re.split(r"[^0-9A-Za-zÀ-ÿ]+", spaced.lower()) if t]
+
+
+def _parse_directory_search(search: str) -> Callable[[Any], bool]:
+    """A predicate for ``$search``; ``_ApiError`` 400 for what Graph would refuse."""
+    parts: list[tuple[str, str]] = []  # ("clause", "prop:value") or ("op", "AND"/"OR")
+    position = 0
+    text = search.strip()
+    while position < len(text):
+        found = _CLAUSE.match(text, position)
+        if found is None or found.end() == position:
+            raise _ApiError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Syntax error: character '{text[position]}' is not valid at position "
+                f"{position} in '{text}'. Clauses are \"property:value\" in double quotes.",
+            )
+        if found.group("clause") is not None:
+            parts.append(("clause", found.group("clause").replace('\\"', '"')))
+        elif found.group("op"):
+            parts.append(("op", found.group("op")))
+        position = found.end()
+    clauses = [value for kind, value in parts if kind == "clause"]
+    if not clauses:
+        raise _ApiError(400, "Request_UnsupportedQuery", "Invalid $search query: no clause.")
+    tests: list[Callable[[Any], bool]] = []
+    for clause in clauses:
+        prop, sep, value = clause.partition(":")
+        if not sep or prop.lower() not in _SEARCHABLE:
+            raise _ApiError(
+                400, "Request_UnsupportedQuery", f"Unsupported query on property '{prop}'."
+            )
+        tests.append(_clause_test(prop.lower(), value))
+    ops = [value for kind, value in parts if kind == "op"]
+    use_and = bool(ops) and all(op == "AND" for op in ops)
+
+    def matches(user: Any) -> bool:
+        results = (test(user) for test in tests)
+        return all(results) if use_and else any(results)
+
+    return matches
+
+
+def _clause_test(prop: str, value: str) -> Callable[[Any], bool]:
+    wanted = _tokens(value)
+    if prop == "displayname":
+
+        def tokenized(user: Any) -> bool:
+            have = _tokens(user.display_name)
+            return bool(wanted) and all(any(h.startswith(w) for h in have) for w in wanted)
+
+        return tokenized
+    prefix = value.strip().lower()
+
+    def starts(user: Any) -> bool:
+        current = _user_property(user, prop)
+        return bool(prefix) and isinstance(current, str) and current.lower().startswith(prefix)
+
+    return starts
 
 
 def _normalize_join_url(url: str) -> str:

@@ -82,7 +82,7 @@ def test_approver_signs_in_to_the_ehr_then_approves(
     finally:
         browser.close()
     assert done.status_code == 200, (done.status_code, done.text[:800], cs.token_requests())
-    assert str(done.url).startswith(f"{s.api}/ehr-signin/callback")
+    assert str(done.url) == f"{s.portal}?configId={config_id}&ehrSignin=ok"  # back on the portal
     assert "EHR sign-in complete" in done.text
     exchanges = [r for r in cs.token_requests() if r["grantType"] == "authorization_code"]
     assert [r["status"] for r in exchanges] == [200]

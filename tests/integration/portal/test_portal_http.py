@@ -62,7 +62,8 @@ def test_register_sign_in_approve_read_records_change_delete(
 
     done = _ehr_signin(stack, portal, config_id)
     assert done.status_code == 200, done.text
-    assert str(done.url).startswith(f"{stack.api}/ehr-signin/callback")
+    # back on the portal's page (CONNECTOR_PORTAL_URL), which says so
+    assert str(done.url) == f"{stack.portal}?configId={config_id}&ehrSignin=ok"
     assert "EHR sign-in complete" in done.text
     signed = portal.request("GET", f"/configs/{config_id}").json()
     assert signed["ehrValidatedBy"] == APPROVER and signed["ehrValidatedAt"]
@@ -139,7 +140,9 @@ def test_ehr_signin_callback_replay_and_forgery_are_html_errors(
         assert to_callback.status_code == 302
         callback = to_callback.headers["location"]
         assert callback.startswith(f"{stack.api}/ehr-signin/callback?")
-        assert browser.get(callback).status_code == 200
+        completed = browser.get(callback)
+        assert completed.status_code == 302
+        assert completed.headers["location"].startswith(f"{stack.portal}?configId={config_id}")
         replay = browser.get(callback)
         assert replay.status_code == 409 and "text/html" in replay.headers["content-type"]
         forged = browser.get(f"{stack.api}/ehr-signin/callback?code=x&state=forged")
