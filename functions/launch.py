@@ -31,6 +31,7 @@ bp = func.Blueprint()
 
 WAIT_REFRESH_SECONDS = 5
 _NO_STORE = "no-store"
+_WAIT_PATH = "/api/launch/wait"
 # EHRs open launches in embedded browsers, at times in a cross-site iframe (Epic Hyperdrive),
 # where a SameSite=Lax cookie is never stored: SameSite=None lets the frame keep it wherever the
 # browser allows third-party cookies. Not Partitioned (CHIPS) here, which would also work where
@@ -50,7 +51,10 @@ FRAME_COOKIE_ATTRIBUTES = "Path=/; Secure; SameSite=None; Partitioned"
 # Fetch Metadata destinations of a frame navigation (a top-level one is "document").
 FRAME_DESTINATIONS = frozenset({"iframe", "frame"})
 # Nothing to clickjack (302s, a passive waiting page, text-only errors): any EHR may frame these.
-_LAUNCH_CSP = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors *"
+_LAUNCH_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+    "frame-ancestors *"
+)
 # RFC 6265 cookie-name (token) and cookie-value (cookie-octets): nothing that could add an
 # attribute, end the header or leave a JavaScript string.
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -134,8 +138,26 @@ def _locale(req: func.HttpRequest | None) -> tuple[str, bool]:
     return public.locale_for(req.headers, req.params) if req is not None else ("en", False)
 
 
+def _poll_script(nonce: str) -> str:
+    """The waiting page asks ``/api/launch/wait`` (JSON) every few seconds in the background and
+    goes to the visit once it is ready: no reloads that interrupt a screen reader (WCAG 2.2.1,
+    axe ``meta-refresh``). An error answer (expired, other browser) loads the page's HTML
+    version, which says what happened."""
+    ms = WAIT_REFRESH_SECONDS * 1000
+    url = _script_json(_WAIT_PATH)
+    body = (
+        f"(function(){{var u={url};function again(){{setTimeout(ask,{ms});}}"
+        'function ask(){fetch(u,{credentials:"same-origin",headers:{Accept:"application/json"}})'
+        ".then(function(r){if(r.status>=400){location.replace(u);return null;}"
+        "return r.ok?r.json():null;})"
+        ".then(function(d){if(d&&d.ready&&d.url){location.replace(d.url);}else{again();}},again);}"
+        "again();})();"
+    )
+    return f'<script nonce="{nonce}">\n{body}\n</script>'
+
+
 def _waiting_page(req: func.HttpRequest | None, script: str = "") -> str:
-    """The patient's waiting page, in their language (refreshes itself to /api/launch/wait)."""
+    """The patient's waiting page, in their language (see ``_poll_script``)."""
     from connector_core.service.portal_web import public
 
     locale, chosen = _locale(req)
@@ -160,7 +182,11 @@ def _continue_page(req: func.HttpRequest | None, redirect: str, script: str) -> 
 
 
 def _respond(
-    result: LaunchResult, req: func.HttpRequest | None = None, *, framed: bool = False
+    result: LaunchResult,
+    req: func.HttpRequest | None = None,
+    *,
+    framed: bool = False,
+    wants_json: bool = False,
 ) -> func.HttpResponse:
     """A 302 (or the waiting page) with the cookies as ``Set-Cookie`` headers. ``framed`` (a
     frame navigation) with cookies to set: a 200 page whose nonce'd script also sets them,
@@ -177,11 +203,16 @@ def _respond(
         if urlsplit(redirect).scheme.lower() not in ("https", "http"):  # never javascript:
             raise ValueError("redirect target is not an http(s) URL")
     set_cookies = [_set_cookie(cookie) for cookie in result.cookies]
-    if framed and result.cookies:
+    if wants_json:  # the waiting page's background question
+        body = json.dumps({"ready": redirect is not None, "url": redirect})
+        response = func.HttpResponse(
+            body, status_code=200, mimetype="application/json", charset="utf-8", headers=headers
+        )
+    elif framed and result.cookies:
         nonce = secrets.token_urlsafe(18)
         script = _cookie_script(result.cookies, redirect, nonce)
         page = (
-            _waiting_page(req, script)
+            _waiting_page(req, script + "\n" + _poll_script(nonce))
             if redirect is None
             else _continue_page(req, redirect, script)
         )
@@ -192,8 +223,10 @@ def _respond(
     elif redirect is not None:
         response = func.HttpResponse(status_code=302, headers={**headers, "Location": redirect})
     else:
+        nonce = secrets.token_urlsafe(18)
+        headers["Content-Security-Policy"] = f"{_LAUNCH_CSP}; script-src 'nonce-{nonce}'"
         response = func.HttpResponse(
-            _waiting_page(req),
+            _waiting_page(req, _poll_script(nonce)),
             status_code=200,
             mimetype="text/html",
             charset="utf-8",
@@ -273,4 +306,5 @@ def launch_wait(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.service import launch as service
 
     result = service.poll_waiting(container(), cookies=_cookies(req))
-    return _respond(result, req, framed=_in_frame(req))
+    wants_json = "application/json" in req.headers.get("accept", "")
+    return _respond(result, req, framed=_in_frame(req), wants_json=wants_json)

@@ -33,12 +33,15 @@ def _get(
     *,
     cookies: str = "",
     dest: str | None = None,
+    accept: str | None = None,
     **route_params: str,
 ) -> func.HttpRequest:
     """``dest``: the browser's ``Sec-Fetch-Dest`` ("iframe" for a frame navigation)."""
     headers = {"cookie": cookies} if cookies else {}
     if dest is not None:
         headers["sec-fetch-dest"] = dest
+    if accept is not None:
+        headers["accept"] = accept
     return func.HttpRequest(
         method="GET",
         url=f"http://127.0.0.1:7071/api/{route}",
@@ -213,7 +216,10 @@ def _framed_page(response: func.HttpResponse) -> tuple[_Elements, list[str], str
     assert response.mimetype == "text/html"
     page = _Elements()
     page.feed(response.get_body().decode())
-    ((nonce, script),) = page.scripts
+    (nonce, script), *others = page.scripts
+    # a waiting page adds its background poll (same nonce), nothing else
+    assert [n for n, _ in others] == [nonce] * len(others) and len(others) <= 1
+    assert all("/api/launch/wait" in text and "fetch(" in text for _, text in others)
     csp = [d.strip() for d in response.headers["Content-Security-Policy"].split(";")]
     assert nonce and f"script-src 'nonce-{nonce}'" in csp
     assert {"default-src 'none'", "base-uri 'none'", "frame-ancestors *"} <= set(csp)
@@ -309,7 +315,7 @@ def test_a_framed_callback_sets_and_clears_cookies_by_script_too(world: World, d
     assert target is not None and target.startswith("https://teams.example/")
 
 
-def test_the_framed_waiting_page_sets_its_cookie_by_script_and_still_refreshes(
+def test_the_framed_waiting_page_sets_its_cookie_by_script_and_still_polls(
     world: World,
 ) -> None:
     world.smart.fhir_user = f"{FHIR}/Patient/p"
@@ -333,17 +339,25 @@ def test_the_framed_waiting_page_sets_its_cookie_by_script_and_still_refreshes(
         )
     )
     _, script_cookies, target = _framed_page(response)
-    assert target is None  # the page stays, and refreshes itself to /launch/wait
+    assert target is None  # the page stays and asks /launch/wait in the background
     body = response.get_body().decode()
-    assert 'http-equiv="refresh"' in body and "/api/launch/wait" in body
+    assert "/api/launch/wait" in body and "fetch(" in body
+    # the refresh only for browsers without script (axe: no meta-refresh with script on)
+    assert '<noscript><meta http-equiv="refresh"' in body
     assert 'class="waiting"' in body
     assert script_cookies == [_expected_script_cookie(h) for h in _set_cookies(response)]
     assert any(c.startswith(WAIT_COOKIE + "=") and "Partitioned" in c for c in script_cookies)
-    # later polls set no cookie: the plain waiting page, no script
+    # later polls set no cookie: the plain waiting page with only its poll, no cookie script
     wait = [c for c in _set_cookies(response) if c.startswith(WAIT_COOKIE + "=")]
     again = launch.launch_wait(_get("launch/wait", {}, cookies=_cookie_header(wait), dest="iframe"))
-    assert again.status_code == 200 and "<script" not in again.get_body().decode()
-    assert "script-src" not in again.headers["Content-Security-Policy"]
+    text = again.get_body().decode()
+    assert again.status_code == 200 and "document.cookie" not in text and "fetch(" in text
+    # the background question gets JSON: not ready yet
+    asked = launch.launch_wait(
+        _get("launch/wait", {}, cookies=_cookie_header(wait), accept="application/json")
+    )
+    assert asked.mimetype == "application/json"
+    assert json.loads(asked.get_body()) == {"ready": False, "url": None}
 
 
 HOSTILE_TARGET = (

@@ -117,8 +117,9 @@ def _markup(script: str) -> object:
 def waiting_html(
     *, locale: str, chosen: bool, refresh_seconds: int, script: str, correlation_id: str
 ) -> str:
-    """The patient's waiting page: refreshes itself to ``/api/launch/wait`` (in the same
-    language when one was picked with the switch)."""
+    """The patient's waiting page: its script asks ``/api/launch/wait`` in the background and
+    goes to the visit when it is ready (without script, a meta refresh in ``<noscript>``; in the
+    same language when one was picked with the switch)."""
     target = _WAIT_PATH + (f"?{urlencode({'lang': locale})}" if chosen else "")
     return render(
         "public_waiting.html",
