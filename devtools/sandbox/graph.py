@@ -347,7 +347,7 @@ class SandboxGraph:
         self._faults: list[_Fault] = []
         self._duplicate = 0
         self._reorder_armed = False
-        self._early_join: Role | None = None
+        self._early_join: tuple[Role, str | None] | None = None
         self._held: Delivery | None = None
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -411,13 +411,15 @@ class SandboxGraph:
         with self._lock:
             self._faults.append(_Fault(path_substring, status, retry_after, count))
 
-    def join_during_next_create(self, role: Role = "guest") -> None:
+    def join_during_next_create(
+        self, role: Role = "guest", *, external_id: str | None = None
+    ) -> None:
         """At the next subscription create, someone joins the meeting after the subscription
         exists but before Graph answers the create, and the notification is delivered before
         the answer: the subscriber sees an event for a subscription id it has not been told
         yet (Microsoft Graph gives no ordering guarantee between the two)."""
         with self._lock:
-            self._early_join = role
+            self._early_join = (role, external_id)  # only that meeting's, when given
 
     def _join_and_wait_delivered(self, subscription_id: str, meeting_id: str, role: Role) -> None:
         with self._cond:
@@ -1240,9 +1242,13 @@ class SandboxGraph:
         )
         with self._lock:
             self.subscriptions[sub.id] = sub
-            early, self._early_join = self._early_join, None
+            early = self._early_join
+            if early is not None and early[1] in (None, meeting.external_id):
+                self._early_join = None
+            else:
+                early = None
         if early is not None:
-            await asyncio.to_thread(self._join_and_wait_delivered, sub.id, meeting.id, early)
+            await asyncio.to_thread(self._join_and_wait_delivered, sub.id, meeting.id, early[0])
         return JSONResponse(sub.to_json(self.url), status_code=201)
 
     async def _validate_endpoint(self, url: str) -> None:

@@ -64,7 +64,8 @@ def test_an_event_sent_before_the_subscription_record_is_stored_reaches_the_ehr(
     s = fresh_stack
     # The clinician joins while Graph is still answering the create, and Graph delivers that
     # roster update before its 201: the connector has no record of the subscription yet.
-    s.sandbox.graph.join_during_next_create("organizer")
+    key = s.container().keyring.keyed_hash("visit", config.id, "appointment", SOLO)
+    s.sandbox.graph.join_during_next_create("organizer", external_id=key)
     before = len(s.sandbox.ehr.audit_events)
     landing = clinician_launch(s, s.browser(), config, SOLO, expect_signin=False)
     assert landing.meeting_id
