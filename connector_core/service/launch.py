@@ -29,14 +29,12 @@ message: the meeting's Graph subscription is created by the ``meeting-subscripti
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import hmac
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
@@ -104,8 +102,6 @@ WAIT_COOKIE = "__Host-vv-wait"
 VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live participants view
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
-# Side-by-side storage writes of one launch (a few threads; each waits for its own).
-_LAUNCH_IO = ThreadPoolExecutor(max_workers=4, thread_name_prefix="launch-io")
 # A launch of a visit created this recently does not ask for its subscription again.
 SUBSCRIPTION_GRACE = timedelta(seconds=30)
 _CONFIG_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -865,21 +861,14 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         updated_at=now,
         purge_after=now + timedelta(days=container.settings.retention_days),
     )
-    # The subscription request and the visit are independent writes: made side by side, the
-    # clinician waits for the slower of the two, not for both in turn. A request for a visit
-    # another launch creates first is harmless (the worker is idempotent).
-    context = contextvars.copy_context()  # the correlation id, for the request's log line
-    requested = _LAUNCH_IO.submit(
-        context.run, _subscription_if_missing, container, visit, fresh_visit=True
-    )
+    # Only the launch whose visit write wins asks for the subscription: one meeting, one
+    # request (made side by side with the write, racing launches could each ask).
     try:
         container.visits.create(visit)
-        created = True
     except ConflictError:
-        created = False
-    finally:
-        requested.result()  # logs its own failure, never raises
-    if created:
+        pass
+    else:
+        _subscription_if_missing(container, visit, fresh_visit=True)
         return visit
     # Someone created the visit meanwhile (the patient's launch, another clinician): theirs wins.
     existing = container.visits.get(pending.visit_key).record
