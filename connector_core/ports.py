@@ -3,7 +3,20 @@
 Conventions (Azure SDK guidelines): keyword-only options; ``get_*`` raises ``NotFoundError``
 when missing; ``list_*`` returns an empty list; ``delete_*`` is idempotent; a write with a stale
 ETag raises ``ConcurrencyConflictError``; creating what exists raises ``ConflictError``; storage
-that cannot be reached raises ``StorageUnavailableError``.
+that cannot be reached raises ``StorageUnavailableError``; a request storage refuses for good
+(400-class other than 404/409/412) raises ``StorageRejectedError``. Errors carry ``status`` and
+``code`` in ``extra``.
+
+Azure Table Storage limits the adapters share (and the in-memory fake enforces, so unit tests
+meet them too); the repositories keep every entity and batch inside them:
+
+* an entity: at most ``MAX_ENTITY_BYTES`` (1 MiB) and ``MAX_PROPERTIES`` (255, the three system
+  properties PartitionKey, RowKey and Timestamp included);
+* a string property: at most ``MAX_PROPERTY_BYTES`` (64 KiB, stored as UTF-16: 32 K characters);
+* an entity-group transaction: one partition, at most ``MAX_BATCH_OPERATIONS`` (100) operations
+  and ``MAX_BATCH_BYTES`` (4 MiB) of payload;
+* a query filter: at most ``MAX_FILTER_COMPARISONS`` (15) comparisons, so ``list_entities``
+  reads at most ``MAX_ROW_KEYS_PER_QUERY`` row keys per round trip.
 """
 
 from __future__ import annotations
@@ -12,7 +25,38 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-__all__ = ["Entity", "EntityStore", "MessageQueue", "TransactionOp"]
+__all__ = [
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_OPERATIONS",
+    "MAX_ENTITY_BYTES",
+    "MAX_FILTER_COMPARISONS",
+    "MAX_PROPERTIES",
+    "MAX_PROPERTY_BYTES",
+    "MAX_ROW_KEYS_PER_QUERY",
+    "Entity",
+    "EntityStore",
+    "MessageQueue",
+    "TransactionOp",
+    "property_bytes",
+]
+
+MAX_ENTITY_BYTES = 1024 * 1024
+MAX_PROPERTY_BYTES = 64 * 1024
+MAX_PROPERTIES = 255
+MAX_BATCH_OPERATIONS = 100
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+MAX_FILTER_COMPARISONS = 15
+MAX_ROW_KEYS_PER_QUERY = MAX_FILTER_COMPARISONS - 1  # one comparison names the partition
+
+
+def property_bytes(value: Any) -> int:
+    """Stored size of a property value as Table Storage counts it (strings are UTF-16)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-16-le"))
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    return 8
+
 
 # A table entity: PartitionKey, RowKey and simple typed properties (str, int, float, bool,
 # datetime). Larger structures are stored as JSON strings by the repositories.
@@ -55,8 +99,19 @@ class EntityStore(Protocol):
         """Delete; idempotent when missing. With ``etag``: ``ConcurrencyConflictError`` if stale."""
         ...
 
-    def list_entities(self, table: str, *, partition_key: str) -> list[tuple[dict[str, Any], str]]:
-        """All ``(entity, etag)`` pairs of one partition (empty list when none)."""
+    def list_entities(
+        self,
+        table: str,
+        *,
+        partition_key: str,
+        row_keys: Sequence[str] | None = None,
+        row_key_prefix: str | None = None,
+        where: Mapping[str, str] | None = None,
+    ) -> list[tuple[dict[str, Any], str]]:
+        """``(entity, etag)`` pairs of one partition, in RowKey order (empty list when none):
+        all of them, or only those whose RowKey is one of ``row_keys`` (read
+        ``MAX_ROW_KEYS_PER_QUERY`` at a time), starts with ``row_key_prefix``, or whose string
+        properties equal ``where``."""
         ...
 
     def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:

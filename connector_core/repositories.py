@@ -1,20 +1,48 @@
 """Repositories: typed records over the ``EntityStore`` port, one table per kind and region.
 
-Partitioning (so no partition gets hot and a tenant's configs stay together):
+Partitioning (so no partition gets hot, a tenant's configs stay together, and a visit's rows
+share one partition, so its state change and its ledger entries commit in one transaction):
 
-==============  =======================  ==========================  ==============================
-table           PartitionKey             RowKey                      holds
-==============  =======================  ==========================  ==============================
-vv{r}configs    tenant id                config id                   the config (JSON in Record)
-vv{r}configs    tenant id                ``url-{env}-{sha256}``      uniqueness of env + FHIR URL
-vv{r}configs    ``id-{config id}``       ``tenant``                  config id -> tenant (immutable)
-vv{r}usermaps   EHR user key (HMAC)      ``map``                     EHR user -> Entra oid/tid
-vv{r}visits     visit key (HMAC)         ``visit``                   meeting, subscription, roster
-vv{r}subs       Graph subscription id    ``sub``                     subscription -> visit, secret
-vv{r}subs       ``live-index``           Graph subscription id       subscriptions to renew (timer)
-vv{r}writebacks visit key (HMAC)         write-back key              presence write-back ledger
-vv{r}nonces     nonce (random)           ``used``                    single-use state consumption
-==============  =======================  ==========================  ==============================
+==============  =======================  ================================  ========================
+table           PartitionKey             RowKey                            holds
+==============  =======================  ================================  ========================
+vv{r}configs    tenant id                config id                         the config (JSON in
+                                                                           Record; its latest
+                                                                           ``HISTORY_IN_RECORD``
+                                                                           changes)
+vv{r}configs    tenant id                ``url-{env}-{sha256}``            uniqueness of env + URL
+vv{r}configs    tenant id                ``h-{config id}-{time}-{digest}``  one audit-trail entry
+vv{r}configs    ``id-{config id}``       ``tenant``                        config id -> tenant
+vv{r}usermaps   EHR user key (HMAC)      ``map``                           EHR user -> Entra oid
+vv{r}visits     visit key (HMAC)         ``visit``                         meeting, subscription,
+                                                                           call status
+vv{r}visits     visit key (HMAC)         ``p-{participant key}``           one participant: role,
+                                                                           status, times
+vv{r}visits     visit key (HMAC)         ``w-{write-back key}``            one write-back (ledger)
+vv{r}subs       Graph subscription id    ``sub``                           subscription -> visit
+vv{r}subs       ``live-index``           Graph subscription id             subscriptions to renew
+vv{r}subs       ``pending-{id}``         ``sub``                           a subscription being
+                                                                           created
+vv{r}nonces     nonce (random)           ``used``                          single-use state
+==============  =======================  ================================  ========================
+
+No entity grows with participants, events or edits: a participant, a write-back and a config
+change are each a row of their own (``{time}`` in a history row key is the change's UTC time,
+``%Y%m%dT%H%M%S%fZ``, so a prefix query lists the trail in order). A record is one JSON string
+property (``Record``) beside a few small ones, so the Table Storage limits this layout relies on
+(``connector_core.ports``) hold with room to spare, each checked by a test
+(tests/unit/test_storage_limits.py):
+
+* 64 KiB per property (32 K characters): the largest record, a config with maximal fields and
+  ``HISTORY_IN_RECORD`` changes, stays far below it; visits no longer hold participants;
+* 1 MiB per entity and 255 properties per entity: at most 8 properties of that size;
+* 100 operations and 4 MiB per entity-group transaction: ``VisitRepository.commit`` packs a
+  visit's changes into transactions of at most ``MAX_BATCH_OPERATIONS`` operations and
+  ``MAX_BATCH_BYTES`` bytes, never splitting the rows of one event unless that event alone is
+  larger (a roster update naming more than ~50 people), and the config history is written in
+  batches of at most 100 as well;
+* 15 comparisons per query filter: reading a visit's rows by key asks for at most
+  ``MAX_ROW_KEYS_PER_QUERY`` keys per round trip.
 
 Region guard: every entity carries ``Region``; reading or writing a record of another region
 raises ``RegionMismatchError``, and tables are named per region.
@@ -22,14 +50,18 @@ raises ``RegionMismatchError``, and tables are named per region.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import threading
-from datetime import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from connector_core.domain.models import (
+    ConfigChange,
     EhrUserMapping,
     GraphSubscription,
     Region,
@@ -37,19 +69,37 @@ from connector_core.domain.models import (
     Versioned,
     Visit,
 )
-from connector_core.domain.presence import WritebackRecord
+from connector_core.domain.presence import ParticipantRecord, WritebackRecord, from_legacy
 from connector_core.errors import ConflictError, NotFoundError, RegionMismatchError
-from connector_core.ports import EntityStore, TransactionOp
+from connector_core.ports import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_OPERATIONS,
+    EntityStore,
+    TransactionOp,
+    property_bytes,
+)
 
 __all__ = [
+    "HISTORY_IN_RECORD",
+    "VISIT_ROW",
     "ConfigRepository",
     "MappingRepository",
     "NonceRepository",
+    "RowWrite",
     "SubscriptionRepository",
     "VisitRepository",
+    "VisitRows",
     "WritebackRepository",
+    "participant_row",
     "table_name",
+    "trim_history",
+    "writeback_row",
 ]
+
+# The latest changes a config record keeps itself (its view shows them); every change is also a
+# row of its own (``ConfigRepository.history``), so the record never nears the 64 KiB limit.
+HISTORY_IN_RECORD = 20
+VISIT_ROW = "visit"
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -133,7 +183,10 @@ class ConfigRepository:
         return self.get(tenant_id, config_id)
 
     def list(self, tenant_id: str) -> list[Versioned[TenantConfig]]:
-        rows = self._store.list_entities(self._table, partition_key=tenant_id)
+        # The tenant's partition also holds uniqueness and history rows: only configs come back.
+        rows = self._store.list_entities(
+            self._table, partition_key=tenant_id, where={"Kind": "config"}
+        )
         return [
             Versioned[TenantConfig](record=self._codec.decode(row), etag=etag)
             for row, etag in rows
@@ -158,8 +211,62 @@ class ConfigRepository:
             "ConfigId": config.id,
         }
 
+    # --- the audit trail: one row per change (the record keeps the latest few) ----------------
+
+    @staticmethod
+    def _history_key(config_id: str, change: ConfigChange) -> str:
+        at = change.at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        digest = hashlib.sha256(change.model_dump_json().encode()).hexdigest()[:12]
+        return f"h-{config_id}-{at}-{digest}"
+
+    def _history_ops(
+        self, config: TenantConfig, changes: Iterable[ConfigChange]
+    ) -> builtins.list[TransactionOp]:
+        # Upserts: a row's key is a function of the change, so writing one again is harmless.
+        return [
+            TransactionOp(
+                "upsert",
+                {
+                    "PartitionKey": config.tenant_id,
+                    "RowKey": self._history_key(config.id, change),
+                    "Kind": "history",
+                    "Region": self._region.value,
+                    "ConfigId": config.id,
+                    "Record": change.model_dump_json(),
+                },
+            )
+            for change in changes
+        ]
+
+    def _write_old_history(self, config: TenantConfig) -> None:
+        """Rows for changes about to leave the record (a config written before the trail had
+        rows of its own), before the record is trimmed."""
+        older = config.history[: -HISTORY_IN_RECORD - 1]
+        ops = self._history_ops(config, older)
+        for start in range(0, len(ops), MAX_BATCH_OPERATIONS):
+            self._store.submit_transaction(self._table, ops[start : start + MAX_BATCH_OPERATIONS])
+
+    def history(self, tenant_id: str, config_id: str) -> builtins.list[ConfigChange]:
+        """The config's whole audit trail, oldest first."""
+        rows = self._store.list_entities(
+            self._table, partition_key=tenant_id, row_key_prefix=f"h-{config_id}-"
+        )
+        found = {
+            str(row["RowKey"]): ConfigChange.model_validate_json(row["Record"]) for row, _ in rows
+        }
+        try:
+            record = self.get(tenant_id, config_id).record
+        except NotFoundError:
+            return []
+        for change in record.history:  # changes kept only in the record (written before rows)
+            found.setdefault(self._history_key(config_id, change), change)
+        return [found[key] for key in sorted(found)]
+
     def add(self, config: TenantConfig) -> str:
         """Create; ``ConflictError`` (with ``existingId``) if env + URL is already registered."""
+        self._write_old_history(config)
+        history = self._history_ops(config, config.history[-HISTORY_IN_RECORD - 1 :])
+        config = trim_history(config)
         row = self._codec.encode(config, config.tenant_id, config.id)
         index = {
             "PartitionKey": f"id-{config.id}",
@@ -172,7 +279,11 @@ class ConfigRepository:
         try:
             etags = self._store.submit_transaction(
                 self._table,
-                [TransactionOp("create", row), TransactionOp("create", self._url_row(config))],
+                [
+                    TransactionOp("create", row),
+                    TransactionOp("create", self._url_row(config)),
+                    *history,
+                ],
             )
         except ConflictError:
             self._store.delete_entity(self._table, f"id-{config.id}", "tenant")
@@ -190,7 +301,12 @@ class ConfigRepository:
         return etags[0]
 
     def update(self, config: TenantConfig, *, expected: Versioned[TenantConfig]) -> str:
-        """Replace if unchanged since ``expected`` was read (``ConcurrencyConflictError``)."""
+        """Replace if unchanged since ``expected`` was read (``ConcurrencyConflictError``). The
+        record keeps its latest ``HISTORY_IN_RECORD`` changes; every change also gets a row, in
+        the same transaction."""
+        self._write_old_history(config)
+        history = self._history_ops(config, config.history[-HISTORY_IN_RECORD - 1 :])
+        config = trim_history(config)
         row = self._codec.encode(config, config.tenant_id, config.id)
         ops = [TransactionOp("update", row, etag=expected.etag)]
         if _url_key(config) != _url_key(expected.record):
@@ -198,6 +314,7 @@ class ConfigRepository:
                 TransactionOp("delete", self._url_row(expected.record)),
                 TransactionOp("create", self._url_row(config)),
             ]
+        ops += history
         try:
             etags = self._store.submit_transaction(self._table, ops)
         except ConflictError:
@@ -225,8 +342,23 @@ class ConfigRepository:
             ],
         )
         self._store.delete_entity(self._table, f"id-{config_id}", "tenant")
+        trail = self._store.list_entities(
+            self._table, partition_key=tenant_id, row_key_prefix=f"h-{config_id}-"
+        )
+        deletes = [TransactionOp("delete", row) for row, _ in trail]
+        for start in range(0, len(deletes), MAX_BATCH_OPERATIONS):
+            self._store.submit_transaction(
+                self._table, deletes[start : start + MAX_BATCH_OPERATIONS]
+            )
         with self._lock:
             self._tenant_of.pop(config_id, None)
+
+
+def trim_history(config: TenantConfig) -> TenantConfig:
+    """The config as stored: its latest ``HISTORY_IN_RECORD`` changes (the rest are rows)."""
+    if len(config.history) <= HISTORY_IN_RECORD:
+        return config
+    return config.model_copy(update={"history": config.history[-HISTORY_IN_RECORD:]})
 
 
 class _SingleRowRepository(Generic[R]):
@@ -276,11 +408,43 @@ class MappingRepository(_SingleRowRepository[EhrUserMapping]):
         self._delete(ehr_user_key)
 
 
+def participant_row(participant_key: str) -> str:
+    return f"p-{participant_key}"
+
+
+def writeback_row(writeback_key: str) -> str:
+    return f"w-{writeback_key}"
+
+
+@dataclass
+class VisitRows:
+    """Rows of one visit's partition as read (each with its ETag): the visit, some or all of
+    its participants, some write-backs. Missing keys were not found."""
+
+    visit: Versioned[Visit] | None
+    participants: dict[str, Versioned[ParticipantRecord]] = field(default_factory=dict)
+    writebacks: dict[str, Versioned[WritebackRecord]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowWrite:
+    """One row of a visit to write: created when ``etag`` is None, else replaced if unchanged
+    since that ETag was read."""
+
+    record: Visit | ParticipantRecord | WritebackRecord
+    etag: str | None = None
+
+
 class VisitRepository(_SingleRowRepository[Visit]):
-    row_key = "visit"
+    """A visit's partition: the ``visit`` row, a ``p-`` row per participant, a ``w-`` row per
+    write-back (the ledger, also reachable as ``WritebackRepository``)."""
+
+    row_key = VISIT_ROW
 
     def __init__(self, store: EntityStore, *, region: Region) -> None:
         super().__init__(store, region=region, kind="visits", model=Visit)
+        self._participant = _Codec(ParticipantRecord, region, "participant")
+        self._writeback = _Codec(WritebackRecord, region, "writeback")
 
     def get(self, visit_key: str) -> Versioned[Visit]:
         return self._get(visit_key)
@@ -292,7 +456,138 @@ class VisitRepository(_SingleRowRepository[Visit]):
         return self._update(visit.visit_key, visit, etag)
 
     def delete(self, visit_key: str) -> None:
-        self._delete(visit_key)
+        """The visit with its participants and ledger (when it is purged). Idempotent."""
+        rows = self._store.list_entities(self._table, partition_key=visit_key)
+        deletes = [TransactionOp("delete", row) for row, _ in rows]
+        for start in range(0, len(deletes), MAX_BATCH_OPERATIONS):
+            self._store.submit_transaction(
+                self._table, deletes[start : start + MAX_BATCH_OPERATIONS]
+            )
+
+    # --- rows -------------------------------------------------------------------------------
+
+    def _decode(self, entity: dict[str, Any], etag: str, rows: VisitRows) -> None:
+        row_key = str(entity["RowKey"])
+        if row_key == VISIT_ROW:
+            rows.visit = Versioned[Visit](record=self._codec.decode(entity), etag=etag)
+        elif row_key.startswith("p-"):
+            record = self._participant.decode(entity)
+            rows.participants[record.participant_key] = Versioned[ParticipantRecord](
+                record=record, etag=etag
+            )
+        elif row_key.startswith("w-"):
+            ledger = self._writeback.decode(entity)
+            rows.writebacks[ledger.key] = Versioned[WritebackRecord](record=ledger, etag=etag)
+
+    def read(
+        self,
+        visit_key: str,
+        *,
+        participants: Iterable[str] = (),
+        writebacks: Iterable[str] = (),
+        all_participants: bool = False,
+    ) -> VisitRows:
+        """The visit row and the named participant and write-back rows, in one round trip per
+        ``MAX_ROW_KEYS_PER_QUERY`` keys (and one more for every participant when asked)."""
+        rows = VisitRows(visit=None)
+        keys = [VISIT_ROW]
+        if not all_participants:
+            keys += [participant_row(k) for k in participants]
+        keys += [writeback_row(k) for k in writebacks]
+        for entity, etag in self._store.list_entities(
+            self._table, partition_key=visit_key, row_keys=keys
+        ):
+            self._decode(entity, etag, rows)
+        if all_participants:
+            for entity, etag in self._store.list_entities(
+                self._table, partition_key=visit_key, row_key_prefix="p-"
+            ):
+                self._decode(entity, etag, rows)
+        return rows
+
+    def participants(self, visit: Visit) -> list[ParticipantRecord]:
+        """Every participant of the visit (the live view and reports read these rows)."""
+        rows = self._store.list_entities(
+            self._table, partition_key=visit.visit_key, row_key_prefix="p-"
+        )
+        found = {
+            record.participant_key: record
+            for record in (self._participant.decode(row) for row, _ in rows)
+        }
+        for legacy in visit.participants:  # a visit written before participants had rows
+            found.setdefault(legacy.participant_key, from_legacy(legacy))
+        return list(found.values())
+
+    def _entity(self, visit_key: str, write: RowWrite) -> dict[str, Any]:
+        record = write.record
+        if isinstance(record, Visit):
+            return self._codec.encode(record, visit_key, VISIT_ROW)
+        if isinstance(record, ParticipantRecord):
+            return self._participant.encode(
+                record, visit_key, participant_row(record.participant_key)
+            )
+        return self._writeback.encode(record, visit_key, writeback_row(record.key))
+
+    def commit(self, visit_key: str, groups: Sequence[Sequence[RowWrite]]) -> dict[str, str]:
+        """Write the rows, each group (one event's rows) atomically: groups are packed into
+        entity-group transactions of at most 100 operations and 4 MiB, in order, and a group is
+        split only when it alone exceeds a transaction. Returns the new ETag of every row by
+        RowKey. Raises as the failing transaction does (``ConcurrencyConflictError`` for a stale
+        ETag, ``ConflictError`` for a row created meanwhile); earlier transactions stay."""
+        batches: list[list[TransactionOp]] = []
+        batch: list[TransactionOp] = []
+        size = 0
+        for group in groups:
+            ops = [
+                TransactionOp(
+                    "create" if w.etag is None else "update",
+                    self._entity(visit_key, w),
+                    etag=w.etag,
+                )
+                for w in group
+            ]
+            group_size = sum(_op_bytes(op) for op in ops)
+            if batch and (
+                len(batch) + len(ops) > MAX_BATCH_OPERATIONS or size + group_size > _BATCH_BUDGET
+            ):
+                batches.append(batch)
+                batch, size = [], 0
+            for op in ops:  # a group larger than a transaction is split (rare: see the doc)
+                if batch and (
+                    len(batch) >= MAX_BATCH_OPERATIONS or size + _op_bytes(op) > _BATCH_BUDGET
+                ):
+                    batches.append(batch)
+                    batch, size = [], 0
+                batch.append(op)
+                size += _op_bytes(op)
+        if batch:
+            batches.append(batch)
+        etags: dict[str, str] = {}
+        for ops in batches:
+            if len(ops) == 1:  # one row is atomic by itself, and cheaper than a batch
+                op = ops[0]
+                etags[str(op.entity["RowKey"])] = (
+                    self._store.create_entity(self._table, op.entity)
+                    if op.etag is None
+                    else self._store.update_entity(self._table, op.entity, etag=op.etag)
+                )
+                continue
+            for op, etag in zip(ops, self._store.submit_transaction(self._table, ops), strict=True):
+                if etag is not None:
+                    etags[str(op.entity["RowKey"])] = etag
+        return etags
+
+
+# Operations carry their entity plus the batch's per-operation framing (headers, boundaries):
+# a kilobyte each is generous, and keeps a batch well inside the 4 MiB limit.
+_OP_OVERHEAD = 1024
+_BATCH_BUDGET = MAX_BATCH_BYTES - 64 * 1024
+
+
+def _op_bytes(op: TransactionOp) -> int:
+    return _OP_OVERHEAD + sum(
+        property_bytes(str(k)) + property_bytes(v) for k, v in op.entity.items()
+    )
 
 
 class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
@@ -349,42 +644,40 @@ class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
 
 
 class WritebackRepository:
-    """The presence write-back ledger (see ``domain.presence.WritebackRecord``)."""
+    """The presence write-back ledger (``domain.presence.WritebackRecord``): the ``w-`` rows of
+    each visit's partition (see ``VisitRepository``)."""
 
     def __init__(self, store: EntityStore, *, region: Region) -> None:
         self._store = store
-        self._table = table_name(region, "writebacks")
+        self._table = table_name(region, "visits")
         self._codec = _Codec(WritebackRecord, region, "writeback")
 
     def create(self, record: WritebackRecord) -> str:
         """Insert; ``ConflictError`` when this write-back is already in the ledger."""
         return self._store.create_entity(
-            self._table, self._codec.encode(record, record.visit_key, record.key)
+            self._table, self._codec.encode(record, record.visit_key, writeback_row(record.key))
         )
 
     def get(self, visit_key: str, key: str) -> Versioned[WritebackRecord]:
         try:
-            entity, etag = self._store.get_entity(self._table, visit_key, key)
+            entity, etag = self._store.get_entity(self._table, visit_key, writeback_row(key))
         except NotFoundError:
             raise NotFoundError("No write-back record for this key.") from None
         return Versioned[WritebackRecord](record=self._codec.decode(entity), etag=etag)
 
     def update(self, record: WritebackRecord, *, etag: str) -> str:
         return self._store.update_entity(
-            self._table, self._codec.encode(record, record.visit_key, record.key), etag=etag
+            self._table,
+            self._codec.encode(record, record.visit_key, writeback_row(record.key)),
+            etag=etag,
         )
 
     def list_for_visit(self, visit_key: str) -> list[Versioned[WritebackRecord]]:
-        rows = self._store.list_entities(self._table, partition_key=visit_key)
+        rows = self._store.list_entities(self._table, partition_key=visit_key, row_key_prefix="w-")
         return [
             Versioned[WritebackRecord](record=self._codec.decode(row), etag=etag)
             for row, etag in rows
         ]
-
-    def delete_visit(self, visit_key: str) -> None:
-        """Remove a visit's ledger (with the visit record, when it is purged)."""
-        for row, _ in self._store.list_entities(self._table, partition_key=visit_key):
-            self._store.delete_entity(self._table, visit_key, str(row["RowKey"]))
 
 
 class NonceRepository:

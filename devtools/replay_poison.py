@@ -9,10 +9,14 @@ fixed::
 
 Storage: ``--connection-string`` (or the ``CONNECTOR_STORAGE`` setting), or ``--account-url
 https://<account>.queue.core.windows.net`` with your Azure sign-in (DefaultAzureCredential; the
-identity needs "Storage Queue Data Contributor"). Message bodies are moved unchanged except that
-a JSON body's ``attempt`` counter is reset to 0 (``--keep-attempts`` to keep it), so a replayed
-write-back gets its full retry schedule again. Replaying is safe: processing is idempotent
-(a write-back already done is not repeated). Bodies are never printed (only ids and counts).
+identity needs "Storage Queue Data Contributor"). The presence worker writes each poisoned
+message with the reason (``"poisoned": {"reason", "detail", "status", "code",
+"correlationId"...}``; a body it could not read is kept as ``"raw"``); ``--dry-run`` lists the
+ids with their reasons. Replaying moves the events back without that note and with their
+``attempt`` counters reset to 0 (``--keep-attempts`` keeps them), so a replayed write-back gets
+its full retry schedule again; a kept ``raw`` body goes back as it first came. Replaying is
+safe: processing is idempotent (a write-back already done is not repeated). Bodies are never
+printed (only ids, reasons and counts).
 """
 
 from __future__ import annotations
@@ -33,23 +37,51 @@ __all__ = ["ReplayResult", "main", "replay_poison"]
 class ReplayResult:
     moved: int
     message_ids: tuple[str, ...]
+    reasons: tuple[str, ...] = ()  # per message: "reason status code", or "-"
 
 
-def _reset_attempt(content: str) -> str:
-    """The same message with ``attempt`` = 0 when it is base64/plain JSON carrying one."""
+def _decode(content: str) -> tuple[Any, bool]:
+    """The JSON of a queue message (base64 as the Functions host writes it, or plain) and
+    whether it was base64; ``None`` when it is not JSON."""
     try:
         raw = base64.b64decode(content, validate=True)
         encoded = True
     except (binascii.Error, ValueError):
         raw, encoded = content.encode(), False
     try:
-        body = json.loads(raw)
+        return json.loads(raw), encoded
     except (ValueError, UnicodeDecodeError):
+        return None, encoded
+
+
+def _reason(content: str) -> str:
+    body, _ = _decode(content)
+    note = body.get("poisoned") if isinstance(body, dict) else None
+    if not isinstance(note, dict):
+        return "-"
+    return " ".join(
+        str(note.get(k) if note.get(k) is not None else "-") for k in ("reason", "status", "code")
+    )
+
+
+def _prepare(content: str, *, reset_attempts: bool) -> str:
+    """The message to put back: without its poison note (a kept raw body as it first came),
+    with ``attempt`` counters reset to 0 when asked."""
+    body, encoded = _decode(content)
+    if not isinstance(body, dict):
         return content
-    if not isinstance(body, dict) or not isinstance(body.get("attempt"), int):
-        return content
-    body["attempt"] = 0
-    text = json.dumps(body, separators=(",", ":"))
+    if isinstance(body.get("raw"), str) and "poisoned" in body:
+        text = str(body["raw"])
+    else:
+        changed = body.pop("poisoned", None) is not None
+        items = body.get("items") if isinstance(body.get("items"), list) else [body]
+        for item in items:
+            if reset_attempts and isinstance(item, dict) and isinstance(item.get("attempt"), int):
+                changed = changed or item["attempt"] != 0
+                item["attempt"] = 0
+        if not changed:
+            return content
+        text = json.dumps(body, separators=(",", ":"))
     return base64.b64encode(text.encode()).decode() if encoded else text
 
 
@@ -87,7 +119,7 @@ def replay_poison(
         except ResourceNotFoundError:
             return ReplayResult(0, ())
         ids = tuple(m.id for m in peeked)
-        return ReplayResult(len(ids), ids)
+        return ReplayResult(len(ids), ids, tuple(_reason(str(m.content)) for m in peeked))
     while max_messages is None or len(moved) < max_messages:
         want = 32 if max_messages is None else min(32, max_messages - len(moved))
         try:
@@ -97,9 +129,7 @@ def replay_poison(
         if not batch:
             break
         for message in batch:
-            content = str(message.content)
-            if reset_attempts:
-                content = _reset_attempt(content)
+            content = _prepare(str(message.content), reset_attempts=reset_attempts)
             target.send_message(content)  # first copy, then delete: never lost
             source.delete_message(message)
             moved.append(str(message.id))
@@ -128,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     verb = "would move" if args.dry_run else "moved"
     print(f"{verb} {result.moved} message(s) from {args.queue}-poison to {args.queue}")
-    for message_id in result.message_ids:
-        print(f"  {message_id}")
+    reasons = result.reasons or ("",) * len(result.message_ids)
+    for message_id, reason in zip(result.message_ids, reasons, strict=True):
+        print(f"  {message_id}  {reason}".rstrip())
     return 0
 
 

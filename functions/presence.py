@@ -30,6 +30,10 @@ _log = get_logger("presence")
 # Graph batches up to a few hundred notifications; each encrypted item is a few KiB.
 MAX_NOTIFICATION_BODY = 4 * 1024 * 1024
 MAX_VALIDATION_TOKEN = 2048
+# host.json extensions.queues.maxDequeueCount (tests/unit/test_presence_functions.py checks they
+# agree): on its last try the worker moves a failing message to the poison queue itself, with
+# the reason, instead of letting the host move it there without one.
+HOST_MAX_DEQUEUE_COUNT = 5
 
 
 def _handshake(token: str) -> func.HttpResponse:
@@ -79,25 +83,38 @@ def presence_lifecycle(req: func.HttpRequest) -> func.HttpResponse:
 @bp.queue_trigger(arg_name="msg", queue_name=PRESENCE_QUEUE, connection="CONNECTOR_STORAGE")
 def presence_worker(msg: func.QueueMessage) -> None:
     with use_correlation_id(new_correlation_id()):
-        from connector_core.service.presence import process_message
+        from connector_core.errors import ConnectorError
+        from connector_core.service.presence import poison_body, process_message
 
+        body = msg.get_body().decode("utf-8", errors="replace")
+        dequeue_count = msg.dequeue_count or 1
         try:
-            process_message(
-                container(),
-                msg.get_body().decode("utf-8", errors="replace"),
-                dequeue_count=msg.dequeue_count or 1,
-            )
+            process_message(container(), body, dequeue_count=dequeue_count)
         except Exception as error:
-            # The host retries (visibilityTimeout) and, after maxDequeueCount, moves the
-            # message to presence-events-poison.
             log_event(
                 _log,
                 "presence.message.failed",
                 level=logging.ERROR,
                 error=type(error).__name__,
-                dequeue_count=msg.dequeue_count,
+                status=getattr(error, "extra", {}).get("status", "-"),
+                error_code=getattr(error, "extra", {}).get("code", "-"),
+                dequeue_count=dequeue_count,
             )
-            raise
+            if dequeue_count < HOST_MAX_DEQUEUE_COUNT:
+                raise  # the host retries it (visibilityTimeout)
+            # The host's last try: park it with the reason (if even that fails, the host moves
+            # it to presence-events-poison as it came).
+            poison_body(
+                container(),
+                body,
+                reason="host_retries",
+                detail=(
+                    error.detail
+                    if isinstance(error, ConnectorError)
+                    else f"{type(error).__name__} on every try"
+                ),
+                error=error if isinstance(error, ConnectorError) else None,
+            )
 
 
 @bp.queue_trigger(arg_name="msg", queue_name=SUBSCRIPTION_QUEUE, connection="CONNECTOR_STORAGE")

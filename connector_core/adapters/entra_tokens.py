@@ -9,6 +9,12 @@ which tenant's issuer and keys to check against; everything is then verified:
   (which must live on the authority host). Keys are cached per tenant with a TTL; an unknown
   ``kid`` refreshes them at most once per ``refresh_interval`` (Entra rolls keys), so forged
   ``kid`` values cannot make the connector hammer Entra;
+- key fetches are bounded for unsigned input (the ``tid`` is read before any signature check):
+  one fetch at a time per tenant (concurrent requests wait for its result), a tenant Entra
+  does not know (400/404) is remembered for ``unknown_tenant_ttl``, a failed fetch (5xx,
+  unreachable, invalid document) for ``failure_ttl`` (requests for that tenant then fail at
+  once), and tenants not seen before may start at most ``new_tenants_per_minute`` fetches a
+  minute in all (a flood of fresh ``tid`` values costs a bounded number of calls to Entra);
 - ``iss`` equals ``{host}/{tid}/v2.0`` for the token's own ``tid``;
 - ``aud`` is ``ENTRA_API_AUDIENCE`` (default ``api://{ENTRA_CLIENT_ID}``) or ``ENTRA_CLIENT_ID``;
 - ``exp``/``nbf``/``iat`` with 60 s leeway.
@@ -63,6 +69,8 @@ class PortalTokenValidator:
         jwks_ttl_seconds: float = 3600.0,
         refresh_interval_seconds: float = 60.0,
         unknown_tenant_ttl_seconds: float = 300.0,
+        failure_ttl_seconds: float = 30.0,
+        new_tenants_per_minute: int = 30,
         max_tenants: int = 1000,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -77,8 +85,15 @@ class PortalTokenValidator:
         self._clock = clock
         self._tenants: OrderedDict[str, _TenantKeys] = OrderedDict()
         self._unknown: OrderedDict[str, float] = OrderedDict()
+        self._failed: OrderedDict[str, float] = OrderedDict()
+        self._failure_ttl = failure_ttl_seconds
+        self._new_per_minute = new_tenants_per_minute
+        self._new_budget = float(new_tenants_per_minute)
+        self._new_budget_at = clock()
+        self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         self.fetches = 0  # JWKS documents fetched (tests and metrics)
+        self.requests = 0  # calls to Entra (discovery and JWKS), successful or not
 
     def issuer(self, tid: str) -> str:
         return f"{self._host}/{tid}/v2.0"
@@ -145,15 +160,47 @@ class PortalTokenValidator:
 
     # --- keys ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _remember(table: OrderedDict[str, float], tid: str, until: float, bound: int) -> None:
+        table[tid] = until
+        table.move_to_end(tid)
+        while len(table) > bound:
+            table.popitem(last=False)
+
+    def _refuse_remembered(self, tid: str, now: float, *, fetching: bool) -> None:
+        """Lock held: raise at once for a tenant Entra does not know, or, when its keys must be
+        fetched, that Entra just failed for."""
+        until = self._unknown.get(tid)
+        if until is not None and until > now:
+            raise AuthenticationError("The token's tenant is not known to Microsoft Entra ID.")
+        until = self._failed.get(tid)
+        if fetching and until is not None and until > now:
+            raise DependencyError(
+                "Microsoft Entra ID could not give this tenant's signing keys moments ago; try "
+                "again shortly."
+            )
+
+    def _spend_new_tenant(self, now: float) -> None:
+        """Lock held: a fetch for a tenant not seen before takes one of the minute's tokens."""
+        rate = self._new_per_minute / 60.0
+        self._new_budget = min(
+            float(self._new_per_minute), self._new_budget + (now - self._new_budget_at) * rate
+        )
+        self._new_budget_at = now
+        if self._new_budget < 1.0:
+            raise DependencyError(
+                "Too many sign-ins from organizations new to this connector right now; try "
+                "again in a minute."
+            )
+        self._new_budget -= 1.0
+
     def _key(self, tid: str, kid: str) -> Any:
         now = self._clock()
         with self._lock:
-            until = self._unknown.get(tid)
-            if until is not None and until > now:
-                raise AuthenticationError("The token's tenant is not known to Microsoft Entra ID.")
+            self._refuse_remembered(tid, now, fetching=False)
             entry = self._tenants.get(tid)
         if entry is None or now - entry.fetched_at > self._ttl:
-            entry = self._load(tid, previous=entry)
+            entry = self._load_once(tid, stale=entry)
         key = entry.keys.get(kid)
         if key is not None:
             return key
@@ -161,11 +208,42 @@ class PortalTokenValidator:
         with entry.lock:
             key = entry.keys.get(kid)
             if key is None and self._clock() - entry.last_refresh >= self._refresh_interval:
-                entry = self._load(tid, previous=entry)
+                entry = self._fetch(tid, previous=entry)
                 key = entry.keys.get(kid)
         if key is None:
             raise AuthenticationError("The access token is signed with an unknown key (kid).")
         return key
+
+    def _load_once(self, tid: str, *, stale: _TenantKeys | None) -> _TenantKeys:
+        """The tenant's keys, fetched by one request at a time: the others wait and use the
+        result (or meet the remembered failure)."""
+        with self._lock:
+            loading = self._loading.setdefault(tid, threading.Lock())
+        try:
+            with loading:
+                now = self._clock()
+                with self._lock:
+                    self._refuse_remembered(tid, now, fetching=True)
+                    entry = self._tenants.get(tid)
+                    if entry is not None and now - entry.fetched_at <= self._ttl:
+                        return entry  # fetched while this request waited
+                    if entry is None and stale is None:
+                        self._spend_new_tenant(now)
+                return self._fetch(tid, previous=stale)
+        finally:
+            with self._lock:
+                self._loading.pop(tid, None)
+
+    def _fetch(self, tid: str, *, previous: _TenantKeys | None) -> _TenantKeys:
+        try:
+            return self._load(tid, previous=previous)
+        except DependencyError:
+            with self._lock:
+                self._remember(
+                    self._failed, tid, self._clock() + self._failure_ttl, self._max_tenants
+                )
+            log_event(_log, "entra.keys_failed", tenant_id=tid, retry_after=self._failure_ttl)
+            raise
 
     def _load(self, tid: str, *, previous: _TenantKeys | None) -> _TenantKeys:
         now = self._clock()
@@ -175,6 +253,7 @@ class PortalTokenValidator:
         entry = _TenantKeys(jwks_uri=jwks_uri, keys=keys, fetched_at=now, last_refresh=now)
         with self._lock:
             self.fetches += 1
+            self._failed.pop(tid, None)
             self._tenants[tid] = entry
             self._tenants.move_to_end(tid)
             while len(self._tenants) > self._max_tenants:
@@ -201,6 +280,8 @@ class PortalTokenValidator:
     def _get_json(self, url: str, *, what: str, tenant: str | None = None) -> dict[str, Any]:
         import httpx
 
+        with self._lock:
+            self.requests += 1
         try:
             response = self._http.get(url, headers={"Accept": "application/json"})
         except httpx.HTTPError:
@@ -210,10 +291,9 @@ class PortalTokenValidator:
             ) from None
         if tenant is not None and response.status_code in (400, 404):
             with self._lock:
-                self._unknown[tenant] = self._clock() + self._unknown_ttl
-                self._unknown.move_to_end(tenant)
-                while len(self._unknown) > self._max_tenants:
-                    self._unknown.popitem(last=False)
+                self._remember(
+                    self._unknown, tenant, self._clock() + self._unknown_ttl, self._max_tenants
+                )
             raise AuthenticationError("The token's tenant is not known to Microsoft Entra ID.")
         if response.status_code != 200:
             raise DependencyError(

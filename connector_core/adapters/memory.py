@@ -1,6 +1,10 @@
 """In-memory fakes of the storage ports, with the same semantics as the Azure adapters.
 
-Used by unit tests and anywhere a process needs storage without Azurite. Thread-safe.
+Used by unit tests and anywhere a process needs storage without Azurite. Thread-safe. It
+enforces Table Storage's limits (``connector_core.ports``: entity and property sizes, property
+count, operations and bytes per batch, comparisons per query) with the errors Azure answers, so
+code tested against it cannot quietly depend on more than the service allows. ``fail_next``
+makes the next calls fail with a given error (what a storage outage or refusal looks like).
 """
 
 from __future__ import annotations
@@ -9,13 +13,56 @@ import copy
 import threading
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from connector_core.errors import ConcurrencyConflictError, ConflictError, NotFoundError
-from connector_core.ports import Entity, TransactionOp
+from connector_core.errors import (
+    ConcurrencyConflictError,
+    ConflictError,
+    ConnectorError,
+    NotFoundError,
+    StorageRejectedError,
+)
+from connector_core.ports import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_OPERATIONS,
+    MAX_ENTITY_BYTES,
+    MAX_PROPERTIES,
+    MAX_PROPERTY_BYTES,
+    MAX_ROW_KEYS_PER_QUERY,
+    Entity,
+    TransactionOp,
+    property_bytes,
+)
 
-__all__ = ["InMemoryEntityStore", "InMemoryMessageQueue"]
+__all__ = ["InMemoryEntityStore", "InMemoryMessageQueue", "entity_bytes"]
+
+_SYSTEM_PROPERTIES = 3  # PartitionKey, RowKey, Timestamp
+
+
+def entity_bytes(entity: Entity) -> int:
+    """An entity's stored size as Table Storage counts it: 4 bytes, plus per property 8 bytes,
+    its name (UTF-16) and its value."""
+    size = 4
+    for name, value in entity.items():
+        size += 8 + len(str(name).encode("utf-16-le")) + property_bytes(value)
+    return size
+
+
+def _rejected(code: str, detail: str, status: int = 400) -> StorageRejectedError:
+    return StorageRejectedError(
+        f"Storage refused the request ({status} {code}): {detail}", status=status, code=code
+    )
+
+
+def _check_entity(entity: Entity) -> None:
+    if len(entity) + 1 > MAX_PROPERTIES:  # + Timestamp
+        raise _rejected("TooManyProperties", "an entity holds at most 255 properties")
+    for name, value in entity.items():
+        if property_bytes(value) > MAX_PROPERTY_BYTES:
+            raise _rejected("PropertyValueTooLarge", f"property {name} exceeds 64 KiB")
+    if entity_bytes(entity) > MAX_ENTITY_BYTES:
+        raise _rejected("EntityTooLarge", "an entity is at most 1 MiB")
 
 
 class InMemoryEntityStore:
@@ -24,20 +71,41 @@ class InMemoryEntityStore:
             dict
         )
         self._lock = threading.RLock()
-        self.operations = 0  # counted like billable table operations
+        self._faults: list[tuple[frozenset[str], ConnectorError]] = []
+        self.operations = 0  # counted like billable table operations (round trips)
 
     @staticmethod
     def _key(entity: Entity) -> tuple[str, str]:
         return str(entity["PartitionKey"]), str(entity["RowKey"])
 
+    def fail_next(
+        self, error: ConnectorError, *, operations: Sequence[str] = (), count: int = 1
+    ) -> None:
+        """The next ``count`` calls of ``operations`` (method names; all when empty) raise
+        ``error`` instead of touching the data."""
+        with self._lock:
+            self._faults += [(frozenset(operations), error)] * count
+
+    def _enter(self, operation: str) -> None:
+        """Count one round trip; raise an injected fault if one is due. Lock held."""
+        self.operations += 1
+        for index, (names, error) in enumerate(self._faults):
+            if not names or operation in names:
+                del self._faults[index]
+                raise error
+
     def get_entity(
         self, table: str, partition_key: str, row_key: str
     ) -> tuple[dict[str, Any], str]:
         with self._lock:
-            self.operations += 1
+            self._enter("get_entity")
             found = self._tables[table].get((partition_key, row_key))
             if found is None:
-                raise NotFoundError(f"No entity {partition_key}/{row_key} in table {table}.")
+                raise NotFoundError(
+                    f"No entity {partition_key}/{row_key} in table {table}.",
+                    status=404,
+                    code="ResourceNotFound",
+                )
             return copy.deepcopy(found[0]), found[1]
 
     def _put(self, table: str, entity: Entity) -> str:
@@ -47,63 +115,116 @@ class InMemoryEntityStore:
 
     def _check_create(self, table: str, entity: Entity) -> None:
         if self._key(entity) in self._tables[table]:
-            raise ConflictError(f"The entity already exists in table {table}.")
+            raise ConflictError(
+                f"The entity already exists in table {table}.",
+                status=409,
+                code="EntityAlreadyExists",
+            )
 
     def _check_etag(self, table: str, key: tuple[str, str], etag: str | None) -> None:
         found = self._tables[table].get(key)
         if found is None:
-            raise NotFoundError(f"No entity {key[0]}/{key[1]} in table {table}.")
+            raise NotFoundError(
+                f"No entity {key[0]}/{key[1]} in table {table}.",
+                status=404,
+                code="ResourceNotFound",
+            )
         if etag is not None and etag != "*" and found[1] != etag:
-            raise ConcurrencyConflictError("The record was changed by someone else; read it again.")
+            raise ConcurrencyConflictError(
+                "The record was changed by someone else; read it again.",
+                status=412,
+                code="UpdateConditionNotSatisfied",
+            )
 
     def create_entity(self, table: str, entity: Entity) -> str:
         with self._lock:
-            self.operations += 1
+            self._enter("create_entity")
+            _check_entity(entity)
             self._check_create(table, entity)
             return self._put(table, entity)
 
     def update_entity(self, table: str, entity: Entity, *, etag: str) -> str:
         with self._lock:
-            self.operations += 1
+            self._enter("update_entity")
+            _check_entity(entity)
             self._check_etag(table, self._key(entity), etag)
             return self._put(table, entity)
 
     def upsert_entity(self, table: str, entity: Entity) -> str:
         with self._lock:
-            self.operations += 1
+            self._enter("upsert_entity")
+            _check_entity(entity)
             return self._put(table, entity)
 
     def delete_entity(
         self, table: str, partition_key: str, row_key: str, *, etag: str | None = None
     ) -> None:
         with self._lock:
-            self.operations += 1
+            self._enter("delete_entity")
             key = (partition_key, row_key)
             if key not in self._tables[table]:
                 return
             self._check_etag(table, key, etag)
             del self._tables[table][key]
 
-    def list_entities(self, table: str, *, partition_key: str) -> list[tuple[dict[str, Any], str]]:
+    def list_entities(
+        self,
+        table: str,
+        *,
+        partition_key: str,
+        row_keys: Sequence[str] | None = None,
+        row_key_prefix: str | None = None,
+        where: Mapping[str, str] | None = None,
+    ) -> list[tuple[dict[str, Any], str]]:
         with self._lock:
-            self.operations += 1
-            return [
-                (copy.deepcopy(entity), etag)
-                for (pk, _), (entity, etag) in sorted(self._tables[table].items())
-                if pk == partition_key
-            ]
+            wanted = None if row_keys is None else set(row_keys)
+            if wanted is not None and not wanted:
+                return []
+            # Round trips as the Azure adapter makes them: a filter holds 15 comparisons.
+            per_query = MAX_ROW_KEYS_PER_QUERY - len(where or {}) - (2 if row_key_prefix else 0)
+            queries = 1 if wanted is None else -(-len(wanted) // per_query)
+            for _ in range(queries):
+                self._enter("list_entities")
+            found = []
+            for (pk, rk), (entity, etag) in sorted(self._tables[table].items()):
+                if pk != partition_key:
+                    continue
+                if wanted is not None and rk not in wanted:
+                    continue
+                if row_key_prefix and not rk.startswith(row_key_prefix):
+                    continue
+                if where and any(entity.get(k) != v for k, v in where.items()):
+                    continue
+                found.append((copy.deepcopy(entity), etag))
+            return found
 
     def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:
+        if not ops:
+            return []
         with self._lock:
-            self.operations += 1
+            self._enter("submit_transaction")
             partitions = {str(op.entity["PartitionKey"]) for op in ops}
             if len(partitions) > 1:
-                raise ValueError("A transaction must stay within one partition.")
-            for op in ops:  # validate everything first: all or nothing
-                if op.kind == "create":
-                    self._check_create(table, op.entity)
-                elif op.kind in ("update", "delete") and (op.kind == "update" or op.etag):
-                    self._check_etag(table, self._key(op.entity), op.etag)
+                raise _rejected(
+                    "CommandsInBatchActOnDifferentPartitions", "a batch stays in one partition"
+                )
+            if len(ops) > MAX_BATCH_OPERATIONS:
+                raise _rejected("InvalidInput", "a batch holds at most 100 operations")
+            if sum(entity_bytes(op.entity) for op in ops) > MAX_BATCH_BYTES:
+                raise _rejected("RequestBodyTooLarge", "a batch is at most 4 MiB", status=413)
+            if len({self._key(op.entity) for op in ops}) < len(ops):
+                raise _rejected("InvalidDuplicateRow", "an entity appears twice in the batch")
+            for index, op in enumerate(ops):  # validate everything first: all or nothing
+                try:
+                    if op.kind != "delete":
+                        _check_entity(op.entity)
+                    if op.kind == "create":
+                        self._check_create(table, op.entity)
+                    elif op.kind in ("update", "delete") and (op.kind == "update" or op.etag):
+                        self._check_etag(table, self._key(op.entity), op.etag)
+                except ConnectorError as error:
+                    error.extra["operation"] = index
+                    raise
             etags: list[str | None] = []
             for op in ops:
                 if op.kind == "delete":

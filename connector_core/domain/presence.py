@@ -18,6 +18,16 @@ processing idempotent and order-independent:
   ``CallEnded`` closes the remaining connections in the live view but writes nothing back: Graph
   reports every departure in a roster update, and writing it twice would duplicate records.
 
+Storage (``connector_core.repositories``): each participant is a row of its own in the visit's
+partition (:class:`ParticipantRecord`), and so is each write-back (:class:`WritebackRecord`), so
+nothing grows with the number of participants, events or write-backs, and a visit's state
+change and its ledger entries commit in one entity-group transaction. Besides the current
+session (status, since when), a participant row keeps order-independent facts for reports: the
+first time connected, the last time left and the first time seen in the lobby (each a min or a
+max over events, so duplicates and reordering give the same values). Visit-level times are
+derivable: ``CallStarted``/``CallEnded`` on the visit row; when clinician and patient were first
+both connected, from the ledger rows (every connect/disconnect with its role and time).
+
 Identity sets in meeting call events are PascalCase (``Identity.User.Id``, ``Guest``,
 ``AzureCommunicationServicesUser``) where other Graph payloads are camelCase: keys are read
 case-insensitively everywhere.
@@ -50,17 +60,23 @@ __all__ = [
     "CallEvent",
     "CallEventKind",
     "IdentityKind",
+    "ParticipantRecord",
     "RosterEntry",
     "Transition",
     "TransitionKind",
+    "WritebackOutcome",
     "WritebackRecord",
     "WritebackStatus",
     "apply_event",
     "apply_to_visit",
+    "call_ended_at",
+    "changed_participants",
     "ci_get",
+    "from_legacy",
     "parse_call_event",
     "parse_graph_time",
     "role_of",
+    "sort_participants",
     "transitions_of",
     "visit_is_live",
     "writeback_key",
@@ -124,15 +140,28 @@ class Transition(_Frozen):
 class WritebackStatus(StrEnum):
     PENDING = "pending"
     DONE = "done"
+    DROPPED = "dropped"  # never to be written (the visit's configuration was deleted)
+
+
+class WritebackOutcome(StrEnum):
+    """How the EHR confirmed a write-back."""
+
+    CREATED = "created"  # 201: the EHR stored it now
+    EXISTED = "existed"  # 200 (or 412) to the conditional create: stored by an earlier attempt
+    RECONCILED = "reconciled"  # found by searching its identifier before a retry
 
 
 class WritebackRecord(_Frozen):
-    """The write-back ledger: one row per (visit, participant, transition, event time).
+    """The write-back ledger: one row per (visit, participant, transition, event time), in the
+    visit's partition (row ``w-{key}``).
 
-    Created (insert-if-absent) before the EHR is called, so a duplicate delivery finds it; a
-    short lease (``lease_id``/``lease_until``) lets exactly one worker call the EHR at a time;
+    Claimed in the same transaction that folds the event into the visit's state, before the EHR
+    is called, so a duplicate delivery finds it. A lease (``lease_id``/``lease_until``) lets one
+    worker at a time call the EHR, and the worker posts only while its lease has time left for
+    the whole call (``lease_covers``); the final update is fenced by the row's ETag.
     ``audit_done``/``epic_done`` record each call that succeeded, so a retry repeats only what
-    failed. Keys, roles and times only.
+    failed; ``maybe_sent`` marks an attempt whose outcome is unknown (a timeout, a 5xx, a lost
+    worker), which makes the next attempt search the EHR for it first. Keys, roles and times.
     """
 
     key: str
@@ -146,6 +175,8 @@ class WritebackRecord(_Frozen):
     audit_done: bool = False
     epic_done: bool = False
     attempts: int = 0
+    maybe_sent: bool = False
+    outcome: WritebackOutcome | None = None
     lease_id: str | None = None
     lease_until: datetime | None = None
     last_error: str | None = None
@@ -160,6 +191,47 @@ class WritebackRecord(_Frozen):
             and self.lease_until is not None
             and self.lease_until > now
         )
+
+    def lease_covers(self, lease_id: str, *, now: datetime, seconds: float) -> bool:
+        """Whether ``lease_id`` holds this row for at least ``seconds`` more (a call that
+        could outlast the lease must not start: another worker may take over meanwhile)."""
+        return (
+            self.lease_id == lease_id
+            and self.lease_until is not None
+            and self.lease_until - now >= timedelta(seconds=seconds)
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not WritebackStatus.PENDING
+
+
+class ParticipantRecord(ParticipantState):
+    """One participant of a visit, stored in a row of its own (``p-{participant_key}`` in the
+    visit's partition). The current session (``status``, ``joined_at``, ``left_at``,
+    ``last_event_at``, from :class:`ParticipantState`) plus facts for reports that any delivery
+    order gives alike: ``first_joined_at`` (earliest connect), ``last_left_at`` (latest exit),
+    ``lobby_at`` (earliest sighting in the lobby). Roles and times only."""
+
+    first_joined_at: datetime | None = None
+    last_left_at: datetime | None = None
+    lobby_at: datetime | None = None
+
+    @property
+    def lobby_seconds(self) -> float | None:
+        """Time from the first lobby sighting to the first connect (admission), when seen."""
+        if self.lobby_at is None or self.first_joined_at is None:
+            return None
+        return max(0.0, (self.first_joined_at - self.lobby_at).total_seconds())
+
+
+def from_legacy(state: ParticipantState) -> ParticipantRecord:
+    """A participant kept in a visit record written before participants had rows."""
+    return ParticipantRecord(
+        **state.model_dump(),
+        first_joined_at=state.joined_at,
+        last_left_at=state.left_at,
+    )
 
 
 # --- parsing ----------------------------------------------------------------------------------
@@ -353,103 +425,160 @@ def writeback_key(visit_key: str, transition: Transition) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _earliest(current: datetime | None, at: datetime) -> datetime:
+    return at if current is None or at < current else current
+
+
+def _latest(current: datetime | None, at: datetime) -> datetime:
+    return at if current is None or at > current else current
+
+
 def _apply_entry(
-    current: ParticipantState | None,
+    current: ParticipantRecord | None,
     entry: RosterEntry,
     *,
     joined: bool,
     at: datetime,
     role: ParticipantRole,
-) -> ParticipantState | None:
-    """The participant's new state, or None when the event changes nothing."""
+    call_ended_at: datetime | None = None,
+) -> ParticipantRecord | None:
+    """The participant's new row, or None when the event changes nothing."""
     if joined:
         status = ParticipantStatus.LOBBY if entry.in_lobby else ParticipantStatus.CONNECTED
     else:
         status = ParticipantStatus.LEFT
+    facts: dict[str, Any] = {}
+    if status is ParticipantStatus.CONNECTED:
+        facts["first_joined_at"] = _earliest(current.first_joined_at if current else None, at)
+    elif status is ParticipantStatus.LEFT:
+        facts["last_left_at"] = _latest(current.last_left_at if current else None, at)
+    else:
+        facts["lobby_at"] = _earliest(current.lobby_at if current else None, at)
     if current is None:
-        return ParticipantState(
+        updated = ParticipantRecord(
             participant_key=entry.participant_key,
             role=role,
             status=status,
             joined_at=at if status is ParticipantStatus.CONNECTED else None,
             left_at=at if status is ParticipantStatus.LEFT else None,
             last_event_at=at,
+            **facts,
         )
-    if at > current.last_event_at:
+    elif at > current.last_event_at:
         if status is ParticipantStatus.CONNECTED:
             # Connected since the latest join (a leave between two joins may still be on its
             # way; Graph never reports the same join twice with different times).
-            return current.model_copy(
-                update={
-                    "role": role,
-                    "status": status,
-                    "joined_at": at,
-                    "left_at": None,
-                    "last_event_at": at,
-                }
-            )
-        if status is ParticipantStatus.LEFT:
-            return current.model_copy(
-                update={"role": role, "status": status, "left_at": at, "last_event_at": at}
-            )
-        return current.model_copy(
-            update={"role": role, "status": status, "left_at": None, "last_event_at": at}
+            session: dict[str, Any] = {"joined_at": at, "left_at": None}
+        elif status is ParticipantStatus.LEFT:
+            session = {"left_at": at}
+        else:
+            session = {"left_at": None}
+        updated = current.model_copy(
+            update={"role": role, "status": status, "last_event_at": at, **session, **facts}
         )
-    # Stale (an event already applied, or one that a later event superseded).
-    if (
+    elif (
         status is ParticipantStatus.CONNECTED
         and current.status is ParticipantStatus.LEFT
         and (current.left_at is None or at <= current.left_at)
         and (current.joined_at is None or at > current.joined_at)
     ):
         # A join that arrived after its leave: it tells us since when they were connected.
-        return current.model_copy(update={"joined_at": at})
-    return None
+        updated = current.model_copy(update={"joined_at": at, **facts})
+    else:
+        # Stale for the session (already applied, or superseded), yet it may still be the
+        # earliest connect or the latest exit seen.
+        updated = current.model_copy(update=facts)
+    if (
+        call_ended_at is not None
+        and updated.status is not ParticipantStatus.LEFT
+        and updated.last_event_at <= call_ended_at
+    ):
+        # The call ended after this (late) join: nobody is still connected to an ended call.
+        updated = updated.model_copy(
+            update={
+                "status": ParticipantStatus.LEFT,
+                "left_at": call_ended_at,
+                "last_event_at": call_ended_at,
+                "last_left_at": _latest(updated.last_left_at, call_ended_at),
+            }
+        )
+    return None if updated == current else updated
 
 
-def apply_event(
-    participants: Iterable[ParticipantState],
+def changed_participants(
+    participants: Mapping[str, ParticipantRecord],
     event: CallEvent,
     *,
     clinician_user_key: str | None,
-) -> tuple[ParticipantState, ...]:
-    """Participant state after ``event`` (idempotent, order-independent by event time)."""
-    by_key = {p.participant_key: p for p in participants}
+    call_ended_at: datetime | None = None,
+) -> dict[str, ParticipantRecord]:
+    """The participant rows ``event`` changes (by participant key), given the current rows of
+    the participants it names (and, for ``CallEnded``, of everyone). ``call_ended_at``: the
+    visit's call ended then (a join older than that arrives late: closed at once)."""
+    changed: dict[str, ParticipantRecord] = {}
+
+    def current(key: str) -> ParticipantRecord | None:
+        return changed.get(key) or participants.get(key)
+
     if event.kind is CallEventKind.CALL_ENDED:
-        for key, state in list(by_key.items()):
+        for key, state in participants.items():
             if state.status is not ParticipantStatus.LEFT and event.at > state.last_event_at:
-                by_key[key] = state.model_copy(
+                changed[key] = state.model_copy(
                     update={
                         "status": ParticipantStatus.LEFT,
                         "left_at": event.at,
                         "last_event_at": event.at,
+                        "last_left_at": _latest(state.last_left_at, event.at),
                     }
                 )
     for entries, joined in ((event.joined, True), (event.exited, False)):
         for entry in entries:
             role = role_of(entry, clinician_user_key=clinician_user_key)
             updated = _apply_entry(
-                by_key.get(entry.participant_key), entry, joined=joined, at=event.at, role=role
+                current(entry.participant_key),
+                entry,
+                joined=joined,
+                at=event.at,
+                role=role,
+                call_ended_at=call_ended_at,
             )
             if updated is not None:
-                by_key[entry.participant_key] = updated
-    order = {ParticipantRole.CLINICIAN: 0, ParticipantRole.PATIENT: 1, ParticipantRole.STAFF: 2}
+                changed[entry.participant_key] = updated
+    return changed
+
+
+_ROLE_ORDER = {ParticipantRole.CLINICIAN: 0, ParticipantRole.PATIENT: 1, ParticipantRole.STAFF: 2}
+
+
+def sort_participants(participants: Iterable[ParticipantRecord]) -> tuple[ParticipantRecord, ...]:
+    """Clinician first, then patients, then staff; each by their last event."""
     return tuple(
-        sorted(by_key.values(), key=lambda p: (order[p.role], p.last_event_at, p.participant_key))
+        sorted(
+            participants,
+            key=lambda p: (_ROLE_ORDER[p.role], p.last_event_at, p.participant_key),
+        )
     )
 
 
-def apply_to_visit(
-    visit: Visit, event: CallEvent, *, clinician_user_key: str | None, now: datetime
-) -> Visit:
-    """The visit after ``event``: participants, and the call's live/ended status (by event time,
-    ``Visit.call_event_at`` remembers the latest call-level event applied)."""
-    participants = apply_event(visit.participants, event, clinician_user_key=clinician_user_key)
-    update: dict[str, Any] = {}
-    if participants != visit.participants:
-        update["participants"] = participants
+def apply_event(
+    participants: Iterable[ParticipantRecord],
+    event: CallEvent,
+    *,
+    clinician_user_key: str | None,
+) -> tuple[ParticipantRecord, ...]:
+    """Every participant after ``event`` (idempotent, order-independent by event time)."""
+    by_key = {p.participant_key: p for p in participants}
+    by_key.update(changed_participants(by_key, event, clinician_user_key=clinician_user_key))
+    return sort_participants(by_key.values())
+
+
+def apply_to_visit(visit: Visit, event: CallEvent, *, now: datetime) -> Visit:
+    """The visit's call status after ``event`` (live or ended, by event time:
+    ``Visit.call_event_at`` remembers the latest call-level event applied). Participants live in
+    rows of their own (:func:`changed_participants`)."""
     last = visit.call_event_at
     newer = last is None or event.at > last
+    update: dict[str, Any] = {}
     if event.kind is CallEventKind.CALL_ENDED and newer:
         update.update(status=VisitStatus.ENDED, ended_at=event.at, call_event_at=event.at)
     elif event.kind is CallEventKind.CALL_STARTED and newer:
@@ -466,6 +595,11 @@ def apply_to_visit(
         return visit
     update["updated_at"] = now
     return visit.model_copy(update=update)
+
+
+def call_ended_at(visit: Visit) -> datetime | None:
+    """When the visit's call ended, if it is over (joins older than that arrive late)."""
+    return visit.ended_at if visit.status is VisitStatus.ENDED else None
 
 
 def visit_is_live(visit: Visit, *, now: datetime) -> bool:

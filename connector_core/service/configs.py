@@ -52,6 +52,7 @@ from connector_core.errors import (
     PreconditionRequiredError,
 )
 from connector_core.logs import get_logger, log_event
+from connector_core.repositories import trim_history
 
 if TYPE_CHECKING:
     from connector_core.adapters.fhir_probe import ProbeReport
@@ -212,8 +213,11 @@ def list_configs(container: Container, caller: Caller) -> list[Versioned[TenantC
 
 
 def config_history(container: Container, caller: Caller, config_id: str) -> list[ConfigChangeOut]:
+    """The whole audit trail, oldest first (the config record itself keeps only the latest
+    changes: ``repositories.HISTORY_IN_RECORD``)."""
     current = get_config(container, caller, config_id)
-    return [_change_out(c) for c in current.record.history]
+    trail = container.configs.history(current.record.tenant_id, current.record.id)
+    return [_change_out(c) for c in trail]
 
 
 # --- writes -----------------------------------------------------------------------------------
@@ -316,6 +320,7 @@ def update_config(
         return current
     etag = container.configs.update(updated, expected=current)
     _forget_in_launch_cache(container, record.id)
+    stored = trim_history(updated)
     log_event(
         _log,
         "config.updated",
@@ -323,7 +328,7 @@ def update_config(
         tenant_id=caller.tenant_id,
         fields=",".join(updated.history[-1].fields),
     )
-    return Versioned[TenantConfig](record=updated, etag=etag)
+    return Versioned[TenantConfig](record=stored, etag=etag)
 
 
 def delete_config(
@@ -349,7 +354,7 @@ def approve_config(
         return current
     etag = container.configs.update(approved, expected=current)
     log_event(_log, "config.approved", config_id=config_id, tenant_id=caller.tenant_id)
-    return Versioned[TenantConfig](record=approved, etag=etag)
+    return Versioned[TenantConfig](record=trim_history(approved), etag=etag)
 
 
 # --- EHR sign-in (SMART standalone launch) ------------------------------------------------------

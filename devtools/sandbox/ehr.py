@@ -32,7 +32,12 @@ URL layout per profile (``fhir`` = its FHIR base, ``auth`` = its authorization s
     GET  {issuer}/.well-known/openid-configuration          (trailing "/" of the issuer dropped)
     GET  {fhir}/metadata                                     CapabilityStatement (4.0.1)
     GET  {fhir}/{Patient|Practitioner|Appointment|Encounter|AuditEvent}/{id}
-    POST {fhir}/AuditEvent
+    POST {fhir}/AuditEvent                  conditional create: If-None-Exist
+                                            entity:identifier=system|value (200 when one
+                                            matches, 412 when several; ignore_if_none_exist
+                                            makes it ignore the header, as servers without
+                                            conditional create do)
+    GET  {fhir}/AuditEvent?entity:identifier=system|value   search (a system read token)
     GET  authorize (EHR launch -> 302; standalone -> sign-in page), GET signin, POST token,
          GET jwks: see ``EhrProfile.authorization_endpoint`` / ``token_endpoint`` / ``jwks_uri``
     POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus       default
@@ -334,6 +339,19 @@ def _outcome(status: int, code: str, diagnostics: str) -> Response:
     return Response(json.dumps(body), status_code=status, media_type=FHIR_JSON)
 
 
+def _identifier_search(query: str) -> tuple[str, str] | None:
+    """``(system, value)`` of ``entity:identifier=system|value`` (URL-encoded or not)."""
+    from urllib.parse import unquote
+
+    name, eq, raw = query.strip().partition("=")
+    if not eq or unquote(name) != "entity:identifier":
+        return None
+    system, bar, value = unquote(raw).partition("|")
+    if not bar or not system or not value or "&" in value:
+        return None
+    return system, value
+
+
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -584,6 +602,9 @@ class SandboxEhr:
         # Refuse public (client_id only) token requests, like an EHR that registered the
         # connector as a confidential asymmetric client only.
         self.require_client_assertion = False
+        # Ignore If-None-Exist on AuditEvent creates (and say so in the CapabilityStatement),
+        # as FHIR servers without conditional create do: every POST stores a new resource.
+        self.ignore_if_none_exist = False
         self.clock: Callable[[], float] = time.time
         # Every profile's calls (each profile also keeps its own lists).
         self.audit_events: list[dict[str, Any]] = []
@@ -602,6 +623,8 @@ class SandboxEhr:
         self._jtis: dict[str, float] = {}
         self._jwks_cache: tuple[float, dict[str, Any]] | None = None
         self._audit_by_id: dict[str, tuple[ProfileName, dict[str, Any]]] = {}
+        # (profile, entity identifier system, value) -> ids: conditional create and search
+        self._audit_by_identifier: dict[tuple[str, str, str], list[str]] = {}
         self._profiles: dict[ProfileName, EhrProfile] = {
             name: EhrProfile(self, _SPECS[name]) for name in PROFILE_NAMES
         }
@@ -703,13 +726,15 @@ class SandboxEhr:
             self._faults.setdefault(endpoint, []).append(_Fault(status, count, delay))
 
     def reset(self) -> None:
-        """Clear faults, the down flag, the inspection lists and restore the clock and
-        ``require_client_assertion`` (issued tokens, codes, launches and config ids are kept)."""
+        """Clear faults, the down flag, the inspection lists and restore the clock,
+        ``require_client_assertion`` and ``ignore_if_none_exist`` (issued tokens, codes,
+        launches, config ids and stored AuditEvents are kept)."""
         with self._lock:
             self._faults.clear()
             self._down = False
             self.clock = time.time
             self.require_client_assertion = False
+            self.ignore_if_none_exist = False
             self.audit_events.clear()
             self.epic_status_calls.clear()
             self.token_requests.clear()
@@ -852,6 +877,11 @@ class SandboxEhr:
                 f"{fhir}/AuditEvent",
                 bind(self._post_audit_event, profile, "fhir"),
                 methods=["POST"],
+            ),
+            Route(
+                f"{fhir}/AuditEvent",
+                bind(self._search_audit_events, profile, "fhir"),
+                methods=["GET"],
             ),
             Route(
                 f"{fhir}/{{rtype}}/{{rid}}", bind(self._fhir_read, profile, "fhir"), methods=["GET"]
@@ -1002,6 +1032,8 @@ class SandboxEhr:
                 "user/*.read",
                 "system/AuditEvent.c",
                 "system/AuditEvent.write",
+                "system/AuditEvent.rs",
+                "system/AuditEvent.read",
             ],
             "response_types_supported": ["code"],
             "capabilities": capabilities,
@@ -1069,13 +1101,20 @@ class SandboxEhr:
         )
 
     @staticmethod
-    def _r4_capability_statement(base: str, security: dict[str, Any]) -> dict[str, Any]:
+    def _r4_capability_statement(
+        base: str, security: dict[str, Any], *, conditional_create: bool = True
+    ) -> dict[str, Any]:
         resources: list[dict[str, Any]] = [
             {"type": t, "interaction": [{"code": "read"}]}
             for t in ("Patient", "Practitioner", "Appointment", "Encounter")
         ]
         resources.append(
-            {"type": "AuditEvent", "interaction": [{"code": "create"}, {"code": "read"}]}
+            {
+                "type": "AuditEvent",
+                "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
+                "conditionalCreate": conditional_create,
+                "searchParam": [{"name": "entity", "type": "reference"}],
+            }
         )
         return {
             "resourceType": "CapabilityStatement",
@@ -1092,7 +1131,11 @@ class SandboxEhr:
     async def _metadata(self, request: Request, profile: EhrProfile) -> Response:
         if fault := await self._discovery_fault():
             return fault
-        doc = self._r4_capability_statement(profile.fhir_base, self._security(profile))
+        doc = self._r4_capability_statement(
+            profile.fhir_base,
+            self._security(profile),
+            conditional_create=not self.ignore_if_none_exist,
+        )
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
     async def _flavor_metadata(self, request: Request) -> Response:
@@ -1757,19 +1800,76 @@ class SandboxEhr:
             AuditEvent.model_validate(body)
         except ValueError as exc:
             return _outcome(400, "invalid", f"Invalid AuditEvent: {exc}")
+        condition = request.headers.get("if-none-exist")
+        wanted: tuple[str, str] | None = None
+        if condition is not None and not self.ignore_if_none_exist:
+            wanted = _identifier_search(condition)
+            if wanted is None:
+                return _outcome(
+                    400,
+                    "not-supported",
+                    "If-None-Exist supports entity:identifier=system|value only",
+                )
         new_id = uuid.uuid4().hex
         stored = dict(body)
         created = {**body, "id": new_id, "meta": {"versionId": "1"}}
-        with self._lock:
+        with self._lock:  # the search and the insert are one step: no duplicate under races
+            if wanted is not None:
+                matches = self._matching_audit_events(profile, *wanted)
+                if len(matches) > 1:
+                    return _outcome(412, "duplicate", "If-None-Exist matches several resources")
+                if matches:
+                    return Response(json.dumps(matches[0]), status_code=200, media_type=FHIR_JSON)
             self.audit_events.append(stored)
             profile.audit_events.append(stored)
             self._audit_by_id[new_id] = (profile.name, created)
+            for entity in body.get("entity", []):
+                identifier = entity.get("what", {}).get("identifier", {})
+                if isinstance(identifier, dict) and identifier.get("system"):
+                    index = (profile.name, identifier["system"], str(identifier.get("value")))
+                    self._audit_by_identifier.setdefault(index, []).append(new_id)
         return Response(
             json.dumps(created),
             status_code=201,
             media_type=FHIR_JSON,
             headers={"Location": f"{profile.fhir_base}/AuditEvent/{new_id}/_history/1"},
         )
+
+    def _matching_audit_events(
+        self, profile: EhrProfile, system: str, value: str
+    ) -> list[dict[str, Any]]:
+        """This profile's stored AuditEvents with an entity identified by ``system|value``.
+        Called with the lock held."""
+        ids = self._audit_by_identifier.get((profile.name, system, value), [])
+        return [self._audit_by_id[i][1] for i in ids]
+
+    async def _search_audit_events(self, request: Request, profile: EhrProfile) -> Response:
+        fault = await self._take_fault("fhir")
+        if fault:
+            return _outcome(fault.status, "transient", "injected fault")
+        info, denied = self._bearer(request, profile)
+        if denied or info is None:
+            return denied or _outcome(401, "login", "unauthorized")
+        if info.kind != "system" or not self._allowed_contexts(info.scopes, "AuditEvent", "read"):
+            return _outcome(403, "forbidden", "Searching AuditEvent needs a system read scope")
+        params = [(k, v) for k, v in request.query_params.multi_items() if k != "_count"]
+        wanted = None
+        if len(params) == 1 and params[0][0] == "entity:identifier":
+            wanted = _identifier_search(f"entity:identifier={params[0][1]}")
+        if wanted is None:
+            return _outcome(400, "not-supported", "Search supports entity:identifier only")
+        with self._lock:
+            matches = self._matching_audit_events(profile, *wanted)
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(matches),
+            "entry": [
+                {"fullUrl": f"{profile.fhir_base}/AuditEvent/{m['id']}", "resource": m}
+                for m in matches
+            ],
+        }
+        return Response(json.dumps(bundle), media_type=FHIR_JSON)
 
     # --- Epic -----------------------------------------------------------------------------------
 

@@ -3,12 +3,21 @@ caller then fetches a fresh token once), and ``fresh`` dropping the cached token
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from connector_core.adapters.ehr_writeback import EhrWriter
+from connector_core.adapters.ehr_writeback import (
+    EhrWriter,
+    WritebackContext,
+    _resource,
+    build_audit_event,
+    validate_audit_event,
+)
+from connector_core.domain.models import ParticipantRole
+from connector_core.domain.presence import TransitionKind, WritebackOutcome
 from connector_core.errors import EhrError
 
 BASE = "https://ehr.example/api/FHIR/R4"
@@ -77,3 +86,176 @@ def test_fresh_token_drops_the_cached_one_first() -> None:
     tokens.calls.clear()
     assert writer.backend_token(BASE, client_id="c", scope=scope, fresh=True) == "t2"
     assert tokens.calls == [("discovery", ()), ("forget", scope), ("token", scope)]
+
+
+# --- conditional create, reconcile, what a failure tells the retry --------------------------------
+
+
+def _recording(*responses: httpx.Response | Exception) -> tuple[EhrWriter, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+    answers = list(responses)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    return EhrWriter(http=http, tokens=Tokens()), seen
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (201, WritebackOutcome.CREATED),
+        (200, WritebackOutcome.EXISTED),  # an earlier attempt stored it
+        (412, WritebackOutcome.EXISTED),  # several match: it is there (more than once)
+    ],
+)
+def test_the_audit_event_is_created_conditionally(status: int, outcome: WritebackOutcome) -> None:
+    writer, seen = _recording(httpx.Response(status, json={"resourceType": "AuditEvent"}))
+    got = writer.post_audit_event(
+        BASE, {"resourceType": "AuditEvent"}, token="t", writeback_key="k1"
+    )
+    assert got is outcome
+    assert seen[0].headers["If-None-Exist"] == (
+        "entity:identifier=urn:ehr-virtual-visit:writeback|k1"
+    )
+
+
+def test_a_412_without_a_condition_is_an_error() -> None:
+    writer, _ = _recording(httpx.Response(412))
+    with pytest.raises(EhrError):
+        writer.post_audit_event(BASE, {"resourceType": "AuditEvent"}, token="t")
+
+
+@pytest.mark.parametrize(
+    ("answer", "sent", "permanent"),
+    [
+        (httpx.ConnectError("refused"), False, False),
+        (httpx.ConnectTimeout("connect"), False, False),
+        (httpx.ReadTimeout("read"), True, False),  # the EHR may have stored it
+        (httpx.RemoteProtocolError("cut"), True, False),
+        (httpx.Response(503), True, False),
+        (httpx.Response(500), True, False),
+        (httpx.Response(429), False, False),
+        (httpx.Response(403), False, False),
+        (httpx.Response(400), False, True),  # the same request never passes
+        (httpx.Response(422), False, True),
+    ],
+)
+def test_a_failure_says_whether_it_may_have_reached_the_ehr(
+    answer: httpx.Response | Exception, sent: bool, permanent: bool
+) -> None:
+    writer, _ = _recording(answer)
+    with pytest.raises(EhrError) as caught:
+        writer.post_audit_event(BASE, {"resourceType": "AuditEvent"}, token="t", writeback_key="k")
+    assert caught.value.extra["sent"] is sent
+    assert caught.value.extra["permanent"] is permanent
+
+
+@pytest.mark.parametrize(
+    ("total", "entries", "found"), [(1, 1, True), (0, 0, False), (None, 2, True)]
+)
+def test_reconcile_searches_by_the_write_back_identifier(
+    total: int | None, entries: int, found: bool
+) -> None:
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": {"resourceType": "AuditEvent"}}] * entries,
+    }
+    if total is not None:
+        bundle["total"] = total
+    writer, seen = _recording(httpx.Response(200, json=bundle))
+    assert writer.find_audit_event(BASE, token="t", writeback_key="k9") is found
+    request = seen[0]
+    assert request.method == "GET" and request.url.path.endswith("/AuditEvent")
+    assert request.url.params["entity:identifier"] == "urn:ehr-virtual-visit:writeback|k9"
+
+
+def test_a_search_answered_without_a_bundle_is_an_error() -> None:
+    writer, _ = _recording(httpx.Response(200, json={"resourceType": "OperationOutcome"}))
+    with pytest.raises(EhrError):
+        writer.find_audit_event(BASE, token="t", writeback_key="k")
+
+
+@pytest.mark.parametrize("role", list(ParticipantRole))
+@pytest.mark.parametrize("transition", list(TransitionKind))
+@pytest.mark.parametrize(
+    "context",
+    [
+        WritebackContext(patient_id="p1", practitioner_id="d1", appointment_id="a1"),
+        WritebackContext(encounter_id="e1"),
+        WritebackContext(),
+    ],
+)
+def test_the_kept_template_gives_the_resource_a_whole_validation_gives(
+    role: ParticipantRole, transition: TransitionKind, context: WritebackContext
+) -> None:
+    at = datetime(2026, 3, 1, 10, 0, 1, 123456, tzinfo=UTC)
+    kwargs: dict[str, Any] = {
+        "transition": transition,
+        "role": role,
+        "participant_key": "f" * 64,
+        "at": at,
+        "context": context,
+        "writeback_key": "0123456789abcdef" * 2,
+        "site": "americas",
+    }
+    for _ in range(2):  # the second build comes from the template
+        assert build_audit_event(**kwargs) == validate_audit_event(_resource(**kwargs))
+    other = build_audit_event(**{**kwargs, "participant_key": "e" * 64, "at": at.replace(second=9)})
+    assert other["agent"][0]["altId"] == "e" * 64 and other["recorded"].startswith(
+        "2026-03-01T10:00:09"
+    )
+
+
+def _capability(conditional: object) -> dict[str, Any]:
+    resource: dict[str, Any] = {"type": "AuditEvent", "interaction": [{"code": "create"}]}
+    if conditional is not None:
+        resource["conditionalCreate"] = conditional
+    return {
+        "resourceType": "CapabilityStatement",
+        "rest": [{"mode": "server", "resource": [{"type": "Patient"}, resource]}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("answer", "supported"),
+    [
+        (httpx.Response(200, json=_capability(True)), True),
+        (httpx.Response(200, json=_capability(False)), False),
+        (httpx.Response(200, json=_capability(None)), False),  # not said: not relied on
+        (httpx.Response(200, json=_capability("true")), False),
+        (httpx.Response(200, json={"resourceType": "OperationOutcome"}), False),
+        (httpx.Response(503), False),
+        (httpx.ConnectError("down"), False),
+    ],
+)
+def test_conditional_create_is_relied_on_only_when_the_ehr_says_so(
+    answer: httpx.Response | Exception, supported: bool
+) -> None:
+    writer, seen = _recording(answer)
+    assert writer.conditional_create_supported(BASE) is supported
+    assert seen[0].url.path.endswith("/metadata")
+
+
+def test_what_the_capability_statement_says_is_kept_for_a_while() -> None:
+    clock = [0.0]
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=_capability(True))
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    writer = EhrWriter(http=http, tokens=Tokens(), clock=lambda: clock[0])
+    for _ in range(5):
+        assert writer.conditional_create_supported(BASE)
+    assert len(seen) == 1
+    clock[0] += EhrWriter.CAPABILITY_TTL + 1
+    writer.conditional_create_supported(BASE)
+    assert len(seen) == 2

@@ -3,6 +3,8 @@ rate-limited), iss per tid, audience, times with leeway, RS256 only."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from connector_core.errors import AuthenticationError
@@ -139,3 +141,89 @@ def test_entra_unreachable_is_a_dependency_error_not_acceptance() -> None:
     )
     with pytest.raises(DependencyError):
         validator.validate(entra.token())
+
+
+# --- bounded work for unsigned tokens (issue 12, item 5) -----------------------------------------
+
+
+class FailingEntra(FakeEntra):
+    """Entra answering 503 for every tenant in ``failing`` (a tid is read before any check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[str] = set()
+
+    def handler(self, request: Any) -> Any:
+        import httpx
+
+        tid = request.url.path.strip("/").split("/")[0]
+        if tid in self.failing or tid not in self.tenants:
+            self.requests.append(request.url.path)
+            return httpx.Response(503 if tid in self.failing else 400)
+        return super().handler(request)
+
+
+def _fresh_tid() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def test_a_tenant_entra_fails_for_is_remembered_briefly() -> None:
+    from connector_core.errors import DependencyError
+
+    entra = FailingEntra()
+    entra.failing.add(TENANT_A)
+    clock = [1000.0]
+    validator = entra.validator(clock=lambda: clock[0], failure_ttl_seconds=30)
+    for _ in range(5):
+        with pytest.raises(DependencyError):
+            validator.validate(entra.token())
+    assert validator.requests == 1  # the 5xx is remembered: one call to Entra, not five
+    entra.failing.clear()
+    clock[0] += 31
+    assert validator.validate(entra.token())["tid"] == TENANT_A
+
+
+def test_fifty_unsigned_tokens_with_fresh_tenants_cost_a_bounded_number_of_calls() -> None:
+    from connector_core.errors import DependencyError
+
+    entra = FailingEntra()
+    tids = [_fresh_tid() for _ in range(50)]
+    entra.failing.update(tids)  # Entra 5xx: nothing it could be told to remember
+    validator = entra.validator(new_tenants_per_minute=10)
+    for tid in tids:
+        with pytest.raises(DependencyError):
+            validator.validate(entra.token(tid=tid))
+    assert validator.requests <= 10
+    # a tenant already known keeps working meanwhile
+    good = FakeEntra()
+    warm = good.validator(new_tenants_per_minute=1)
+    warm.validate(good.token())
+    for _ in range(5):
+        with pytest.raises((DependencyError, AuthenticationError)):
+            warm.validate(good.token(tid=_fresh_tid()))
+    assert warm.validate(good.token())["tid"] == TENANT_A
+
+
+def test_concurrent_requests_for_one_tenant_fetch_its_keys_once(entra: FakeEntra) -> None:
+    import threading
+
+    validator = entra.validator()
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        barrier.wait()
+        try:
+            validator.validate(entra.token())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and validator.fetches == 1
+    assert entra.requests.count(f"/{TENANT_A}/v2.0/.well-known/openid-configuration") == 1

@@ -218,6 +218,25 @@ def test_lobby_entries_are_waiting_and_not_written_back() -> None:
     assert admitted[0].status is ParticipantStatus.CONNECTED
 
 
+def test_facts_for_reports_first_join_last_leave_and_lobby() -> None:
+    history = [
+        ev(1, joined=[entry("pat", in_lobby=True)]),
+        ev(4, joined=[PATIENT]),
+        ev(6, exited=[PATIENT]),
+        ev(8, joined=[PATIENT]),
+        ev(9, exited=[PATIENT]),
+    ]
+    for order in (history, list(reversed(history))):
+        states: tuple[Any, ...] = ()
+        for event in order:
+            states = apply_event(states, event, clinician_user_key=None)
+        (state,) = states
+        assert state.lobby_at == T0 + timedelta(seconds=1)
+        assert state.first_joined_at == T0 + timedelta(seconds=4)
+        assert state.last_left_at == T0 + timedelta(seconds=9)
+        assert state.lobby_seconds == 3.0
+
+
 def test_call_ended_closes_open_connections_without_write_back() -> None:
     states = apply_event((), ev(1, joined=[PATIENT, CLINICIAN]), clinician_user_key="u:doc")
     ended = CallEvent(kind=CallEventKind.CALL_ENDED, at=T0 + timedelta(seconds=9))
@@ -276,6 +295,12 @@ def test_any_order_with_duplicates_converges(
             want.left_at,
             want.last_event_at,
         )
+        # The facts reports read are the same whatever the order (min / max over events).
+        assert (got.first_joined_at, got.last_left_at, got.lobby_at) == (
+            want.first_joined_at,
+            want.last_left_at,
+            want.lobby_at,
+        )
         if want.status is ParticipantStatus.CONNECTED:
             assert got.joined_at == want.joined_at
 
@@ -297,14 +322,12 @@ def test_visit_call_status_by_event_time() -> None:
     started = CallEvent(kind=CallEventKind.CALL_STARTED, at=T0 + timedelta(seconds=1))
     ended = CallEvent(kind=CallEventKind.CALL_ENDED, at=T0 + timedelta(seconds=8))
     now = T0 + timedelta(seconds=10)
-    v = apply_to_visit(visit(), ended, clinician_user_key=None, now=now)
-    v = apply_to_visit(v, started, clinician_user_key=None, now=now)  # late, older: ignored
+    v = apply_to_visit(visit(), ended, now=now)
+    v = apply_to_visit(v, started, now=now)  # late, older: ignored
     assert v.status is VisitStatus.ENDED and v.ended_at == ended.at
-    again = apply_to_visit(v, ev(12, joined=[PATIENT]), clinician_user_key=None, now=now)
+    again = apply_to_visit(v, ev(12, joined=[PATIENT]), now=now)
     assert again.status is VisitStatus.LIVE and again.ended_at is None
-    assert (
-        apply_to_visit(again, ev(12, joined=[PATIENT]), clinician_user_key=None, now=now) is again
-    )
+    assert apply_to_visit(again, ev(12, joined=[PATIENT]), now=now) is again
 
 
 def test_visit_liveness() -> None:

@@ -14,13 +14,14 @@ from azure.functions.timer import TimerRequest
 from connector_core.bootstrap import Container, reset_container, set_container
 from connector_core.service.presence import POISON_QUEUE, PRESENCE_QUEUE
 from functions.presence import (
+    HOST_MAX_DEQUEUE_COUNT,
     presence_lifecycle,
     presence_renewal,
     presence_webhook,
     presence_worker,
 )
 from functions.visits import visit_participants
-from tests.unit.test_presence_service import (
+from tests.unit.presence_fakes import (
     ORGANIZER,
     VISIT_KEY,
     deliver,
@@ -29,6 +30,7 @@ from tests.unit.test_presence_service import (
     make_container,
     queued,
     roster_event,
+    store_of,
     user,
 )
 
@@ -108,17 +110,45 @@ def test_worker_raises_for_the_host_to_retry(container: Container) -> None:
         )
     )
     (body,) = queued(container)
+    from connector_core.errors import StorageUnavailableError
 
-    class Down:
-        def get(self, *a: Any, **k: Any) -> Any:
-            from connector_core.errors import StorageUnavailableError
-
-            raise StorageUnavailableError("Storage is unavailable.")
-
-    container.visits = Down()  # type: ignore[assignment]
-    with pytest.raises(Exception, match="unavailable"):
+    down = StorageUnavailableError("Storage is unavailable (503).", status=503, code="ServerBusy")
+    store_of(container).fail_next(down, operations=("list_entities",))
+    with pytest.raises(StorageUnavailableError):
         presence_worker(queue_message(body))
     assert queued(container, POISON_QUEUE) == []
+
+
+def test_the_hosts_last_try_parks_the_message_with_the_reason(container: Container) -> None:
+    """On the last dequeue the worker itself moves the message to the poison queue, saying why,
+    and returns (the host then deletes it) instead of the host moving it without a reason."""
+    presence_webhook(
+        post(
+            "presence",
+            json.dumps({"value": [item(container, roster_event(1, joined=[guest("p")]))]}).encode(),
+        )
+    )
+    (body,) = queued(container)
+    from connector_core.errors import StorageUnavailableError
+    from connector_core.service.presence import PresenceBatch
+
+    down = StorageUnavailableError("Storage is unavailable (503).", status=503, code="ServerBusy")
+    store_of(container).fail_next(down, operations=("list_entities",))
+    presence_worker(queue_message(body, dequeue_count=HOST_MAX_DEQUEUE_COUNT))
+    (poisoned,) = queued(container, POISON_QUEUE)
+    note = PresenceBatch.model_validate_json(poisoned).poisoned
+    assert note is not None and (note.reason, note.status, note.code) == (
+        "host_retries",
+        503,
+        "ServerBusy",
+    )
+
+
+def test_host_json_agrees_with_the_workers_last_try() -> None:
+    from pathlib import Path
+
+    host = json.loads((Path(__file__).parents[2] / "host.json").read_text())
+    assert host["extensions"]["queues"]["maxDequeueCount"] == HOST_MAX_DEQUEUE_COUNT
 
 
 def test_timer_function_runs(container: Container) -> None:

@@ -18,7 +18,7 @@ from connector_core.service.subscriptions import (
     request_subscription,
     resolve_pending,
 )
-from tests.unit.test_presence_service import (
+from tests.unit.presence_fakes import (
     PRESENCE_QUEUE,
     TENANT,
     VISIT_KEY,
@@ -152,3 +152,42 @@ def test_the_worker_leaves_a_live_subscription_alone(container: Container) -> No
 def test_a_malformed_message_goes_to_the_poison_queue(container: Container) -> None:
     process_subscription_message(container, "{not json")
     assert _queued(container, "meeting-subscriptions-poison") == ["{not json"]
+
+
+def test_an_early_notification_never_marks_its_subscription_unknown(container: Container) -> None:
+    """The record lookup misses while the record is being written; the pending record answers.
+    Nothing about that subscription is remembered as unknown, so a notification racing the
+    first one (or one whose pending lookup a busy request could not afford) is not dropped."""
+    seen: list[str] = []
+
+    class Recording(EarlyNotifyingGraph):
+        def create_subscription(self, **kwargs: Any) -> tuple[str, datetime]:
+            state = kwargs["client_state"]
+            notification = item(container, roster_event(1, joined=[guest("p-1")]))
+            notification.update({"subscriptionId": "early-sub", "clientState": state})
+            self.results.append(accept_notifications(container, {"value": [notification]}))
+            seen.append("early-sub")
+            return "early-sub", kwargs["expires_at"]
+
+    graph = Recording(container)
+    container.graph = graph  # type: ignore[assignment]
+    create_subscription_record(
+        container, visit_key=VISIT_KEY, tenant_id=TENANT, join_web_url="https://t/x"
+    )
+    assert [(r.enqueued, r.dropped) for r in graph.results] == [(1, 0)]
+    assert "early-sub" not in container.presence.unknown
+    assert container.presence.known.get("early-sub") is not None
+
+
+def test_a_pending_shaped_id_left_unlooked_for_budget_is_not_remembered(
+    container: Container,
+) -> None:
+    forged = []
+    for n in range(MAX_PENDING_LOOKUPS + 2):
+        body = item(container, roster_event(1, joined=[guest("p-1")]))
+        body.update({"subscriptionId": f"unknown-{n}", "clientState": f"{'A' * 15}{n % 10}.x"})
+        forged.append(body)
+    accept_notifications(container, {"value": forged})
+    looked_up = {f"unknown-{n}" for n in range(MAX_PENDING_LOOKUPS)}
+    assert {k for k in looked_up if k in container.presence.unknown} == looked_up
+    assert f"unknown-{MAX_PENDING_LOOKUPS}" not in container.presence.unknown

@@ -80,6 +80,11 @@ class LiveVisit:
     def visit(self) -> Any:
         return self.stack.container().visits.get(self.visit_key).record
 
+    def participants(self) -> list[Any]:
+        """The visit's participant rows (one row each in the visit's partition)."""
+        visits = self.stack.container().visits
+        return visits.participants(visits.get(self.visit_key).record)
+
     def join_clinician(self) -> str:
         return str(self.graph.join(self.meeting.id, "organizer"))
 

@@ -107,7 +107,7 @@ def test_roster_updates_write_audit_events_with_a_backend_token(fresh_stack: Sta
         "disconnect",
     ]
     wait_for(lambda: live.visit().status.value == "ended", what="the call to end")
-    assert {p.status.value for p in live.visit().participants} == {"left"}
+    assert {p.status.value for p in live.participants()} == {"left"}
 
 
 def test_duplicate_delivery_writes_no_duplicates(fresh_stack: Stack) -> None:
@@ -142,7 +142,7 @@ def test_reordered_join_and_leave_end_in_the_right_state(fresh_stack: Stack) -> 
         lambda: next(
             (
                 p
-                for p in live.visit().participants
+                for p in live.participants()
                 if p.role.value == "patient" and p.joined_at is not None
             ),
             None,
@@ -203,7 +203,7 @@ def test_wrong_client_state_and_bad_signature_write_nothing(fresh_stack: Stack) 
     live.join_clinician()
     live.wait_audit_events(1)
     assert len(live.audit_events()) == 1
-    assert [p.role.value for p in live.visit().participants] == ["clinician"]
+    assert [p.role.value for p in live.participants()] == ["clinician"]
 
 
 def test_epic_config_also_sets_the_connection_status(fresh_stack: Stack) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -40,12 +41,20 @@ def test_ehr_down_for_good_event_waits_in_poison_until_replayed(
     stack.sandbox.ehr.set_down(True)
     live.join_clinician()
 
-    def poisoned() -> list[dict[str, object]]:
+    def poisoned() -> list[dict[str, Any]]:
         bodies = [json.loads(b) for b in peek_all(stack, POISON_QUEUE)]
-        return [b for b in bodies if b.get("visit_key") == live.visit_key]
+        return [
+            b
+            for b in bodies
+            if any(i.get("visit_key") == live.visit_key for i in b.get("items", []))
+        ]
 
     (message,) = wait_for(poisoned, timeout=40, what="the event in the poison queue")
-    assert message["attempt"] == 3
+    (event,) = message["items"]
+    assert event["attempt"] == 3
+    # It says why, in the message itself and in the log.
+    assert message["poisoned"]["reason"] == "retries_exhausted"
+    assert message["poisoned"]["status"] == 503 and message["poisoned"]["correlation_id"]
     assert live.audit_events() == []
     (record,) = live.ledger()
     assert record.status.value == "pending" and record.attempts == 3
@@ -64,7 +73,8 @@ def test_ehr_down_for_good_event_waits_in_poison_until_replayed(
         )
         == 0
     )
-    assert "would move" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "would move" in listed and "retries_exhausted 503" in listed
     stack.sandbox.ehr.set_down(False)
     result = replay_poison(
         queue="presence-events", connection_string=stack.azurite.connection_string

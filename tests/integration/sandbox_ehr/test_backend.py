@@ -183,3 +183,86 @@ def test_fail_next_backend_endpoints(
         503,
         200 if endpoint == "epic" or endpoint == "backend-token" else 201,
     ]
+
+
+# --- conditional create and search by identifier (the write-back's exactly-once) ----------------
+
+
+def _with_writeback_id(value: str) -> dict[str, Any]:
+    return {
+        **AUDIT_EVENT,
+        "entity": [
+            *AUDIT_EVENT["entity"],
+            {"what": {"identifier": {"system": "urn:ehr-virtual-visit:writeback", "value": value}}},
+        ],
+    }
+
+
+def test_conditional_create_and_search_by_identifier(
+    http: httpx.Client, ehr: SandboxEhr, client_keys: ClientKeys
+) -> None:
+    writer = _system_token(http, ehr, client_keys)
+    headers = {"Authorization": f"Bearer {writer}", "Content-Type": "application/fhir+json"}
+    key = uuid.uuid4().hex
+    condition = {"If-None-Exist": f"entity:identifier=urn:ehr-virtual-visit:writeback|{key}"}
+    first = http.post(
+        f"{ehr.fhir_base}/AuditEvent", json=_with_writeback_id(key), headers=headers | condition
+    )
+    assert first.status_code == 201
+    again = http.post(
+        f"{ehr.fhir_base}/AuditEvent", json=_with_writeback_id(key), headers=headers | condition
+    )
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    unsupported = http.post(
+        f"{ehr.fhir_base}/AuditEvent",
+        json=_with_writeback_id(key),
+        headers=headers | {"If-None-Exist": "patient=Patient/1"},
+    )
+    assert unsupported.status_code == 400
+    # Search by the identifier needs a system read scope.
+    params = {"entity:identifier": f"urn:ehr-virtual-visit:writeback|{key}"}
+    assert (
+        http.get(f"{ehr.fhir_base}/AuditEvent", params=params, headers=headers).status_code == 403
+    )
+    reader = backend_token(http, ehr, client_keys, scope="system/AuditEvent.read").json()
+    read_headers = {"Authorization": f"Bearer {reader['access_token']}"}
+    found = http.get(f"{ehr.fhir_base}/AuditEvent", params=params, headers=read_headers)
+    assert found.status_code == 200 and found.json()["total"] == 1
+    none = http.get(
+        f"{ehr.fhir_base}/AuditEvent",
+        params={"entity:identifier": "urn:ehr-virtual-visit:writeback|absent"},
+        headers=read_headers,
+    )
+    assert none.json()["total"] == 0 and none.json()["entry"] == []
+    metadata = http.get(f"{ehr.fhir_base}/metadata").json()
+    audit = next(r for r in metadata["rest"][0]["resource"] if r["type"] == "AuditEvent")
+    assert audit["conditionalCreate"] is True
+
+
+def test_a_server_without_conditional_create_ignores_the_condition(
+    http: httpx.Client, ehr: SandboxEhr, client_keys: ClientKeys
+) -> None:
+    ehr.ignore_if_none_exist = True
+    try:
+        writer = _system_token(http, ehr, client_keys)
+        headers = {
+            "Authorization": f"Bearer {writer}",
+            "Content-Type": "application/fhir+json",
+            "If-None-Exist": "entity:identifier=urn:ehr-virtual-visit:writeback|dup",
+        }
+        for _ in range(2):
+            response = http.post(
+                f"{ehr.fhir_base}/AuditEvent", json=_with_writeback_id("dup"), headers=headers
+            )
+            assert response.status_code == 201
+        metadata = http.get(f"{ehr.fhir_base}/metadata").json()
+        audit = next(r for r in metadata["rest"][0]["resource"] if r["type"] == "AuditEvent")
+        assert audit["conditionalCreate"] is False
+        # Then a conditional create that the server does honour finds two: 412.
+        ehr.ignore_if_none_exist = False
+        response = http.post(
+            f"{ehr.fhir_base}/AuditEvent", json=_with_writeback_id("dup"), headers=headers
+        )
+        assert response.status_code == 412
+    finally:
+        ehr.ignore_if_none_exist = False
