@@ -99,7 +99,11 @@ class Container:
 
     @cached_property
     def keyring(self) -> Keyring:
-        return Keyring(self.settings.secret_key_bytes)
+        """CONNECTOR_SECRET_KEY's keys; identifiers keyed by the stored identifier key."""
+        from connector_core.identifier_key import IdentifierKeyStore
+
+        identifier_key = IdentifierKeyStore(self.store, region=self.settings.region)
+        return Keyring(self.settings.secret_keys, identifier_root=identifier_key.load)
 
     @cached_property
     def signing_keys(self) -> SigningKeys:
@@ -217,9 +221,13 @@ _CHATTY_LOGGERS = ("httpx", "httpcore", "msal", "azure.core.pipeline.policies.ht
 
 
 def quiet_third_party_loggers() -> None:
-    """Log keys, not people: keep URL-logging libraries at WARNING."""
+    """Log keys, not people: keep URL-logging libraries at WARNING, and scrub OAuth values and
+    tokens from every record (connector_core.logs.install_redaction)."""
+    from connector_core.logs import install_redaction
+
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    install_redaction()
 
 
 _container: Container | None = None

@@ -1,8 +1,21 @@
 """Keys and tokens the connector makes itself: sealing, keyed hashes, PKCE, client assertions.
 
-- ``Keyring`` derives independent subkeys from ``CONNECTOR_SECRET_KEY`` (HKDF-SHA256, one label
-  per purpose) for sealing (AES-256-GCM, the purpose bound as associated data) and for keyed
-  hashes of identifiers (HMAC-SHA256), so raw EHR ids never leave the request that saw them.
+- ``Keyring`` holds the keys of ``CONNECTOR_SECRET_KEY`` (several during a rotation, newest
+  first) and derives subkeys from them (HKDF-SHA256, one label per purpose):
+
+  * sealing (AES-256-GCM). The first key seals; every listed key opens what it sealed. A sealed
+    value names its key: ``base64url(0x02 | key id (4 bytes) | nonce (12) | ciphertext+tag)``,
+    with the version byte, key id and purpose bound as associated data. The key id is the first
+    4 bytes of ``HKDF(key, "key-id")``, shown as 8 hex digits (``Keyring.key_ids``); it says
+    nothing about the key. Values sealed before key ids existed (version ``0x01``, no key id)
+    still open: every listed key is tried.
+  * keyed hashes of identifiers (HMAC-SHA256: visit key = Graph ``externalId``, EHR user key,
+    participant keys). They are keyed by the deployment's *identifier key*, which does not
+    rotate with the sealing keys, so identifiers stay the same across a rotation. The identifier
+    key is stored wrapped (sealed) under the listed keys (``connector_core.identifier_key``);
+    without a store (tests, tools) it is the oldest (last) listed key: with a single key, the
+    key that has always keyed them.
+
 - ``SigningKeys`` holds the RSA key(s) of ``SMART_PRIVATE_KEY`` (one PEM, or several during a
   rollover: the first signs, all are published in the JWKS) and signs RS384 client assertions.
 
@@ -18,16 +31,33 @@ import json
 import re
 import secrets
 import struct
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from connector_core.errors import AuthenticationError, SettingsError
+from connector_core.errors import AuthenticationError, SettingsError, UnknownKeyError
 
-__all__ = ["Keyring", "SigningKeys", "new_pkce_pair", "random_token"]
+__all__ = [
+    "MAX_SECRET_KEYS",
+    "Keyring",
+    "SigningKeys",
+    "key_id",
+    "new_pkce_pair",
+    "random_token",
+    "sealed_key_id",
+]
 
-_SEAL_VERSION = b"\x01"
+_SEAL_V1 = 0x01  # legacy: version | nonce | ciphertext; associated data = purpose
+_SEAL_V2 = 0x02  # version | key id | nonce | ciphertext; associated data = header + purpose
+_KEY_ID_BYTES = 4
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+# Bounds the work of opening a legacy value (each listed key is tried) and keeps lists sane.
+MAX_SECRET_KEYS = 8
+_SETTING = "CONNECTOR_SECRET_KEY"
 
 
 def _b64url(data: bytes) -> str:
@@ -36,6 +66,32 @@ def _b64url(data: bytes) -> str:
 
 def _b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _hkdf(root: bytes, label: str) -> bytes:
+    """HKDF (RFC 5869) with SHA-256, empty salt, one 32-byte block of output."""
+    prk = hmac.new(b"\x00" * 32, root, hashlib.sha256).digest()
+    return hmac.new(prk, label.encode() + b"\x01", hashlib.sha256).digest()
+
+
+def key_id(material: bytes) -> str:
+    """The public id of a ``CONNECTOR_SECRET_KEY`` key: 8 hex digits, derived one way."""
+    return _hkdf(material, "key-id")[:_KEY_ID_BYTES].hex()
+
+
+def sealed_key_id(token: str) -> str | None:
+    """The key id a sealed value names (``None`` for a legacy value without one).
+
+    ``ValueError`` when ``token`` is not a sealed value at all. Reads only the header."""
+    try:
+        raw = _b64url_decode(token)
+    except (ValueError, TypeError):
+        raise ValueError("not a sealed value") from None
+    if len(raw) >= 1 + _NONCE_BYTES + _TAG_BYTES and raw[0] == _SEAL_V1:
+        return None
+    if len(raw) >= 1 + _KEY_ID_BYTES + _NONCE_BYTES + _TAG_BYTES and raw[0] == _SEAL_V2:
+        return raw[1 : 1 + _KEY_ID_BYTES].hex()
+    raise ValueError("not a sealed value")
 
 
 def random_token(nbytes: int = 32) -> str:
@@ -50,48 +106,138 @@ def new_pkce_pair() -> tuple[str, str]:
     return verifier, challenge
 
 
-class Keyring:
-    """Subkeys derived from the deployment's secret key material."""
+@dataclass
+class _SealKey:
+    """One listed key: its id and the subkeys derived from it (cached per purpose)."""
 
-    def __init__(self, secret_key: bytes) -> None:
-        if len(secret_key) < 32:
-            raise SettingsError("CONNECTOR_SECRET_KEY", "must hold at least 32 bytes")
-        self._root = secret_key
-        self._cache: dict[str, bytes] = {}
+    material: bytes
+    kid: bytes
+    subkeys: dict[str, bytes] = field(default_factory=dict)
 
-    def _subkey(self, label: str) -> bytes:
-        key = self._cache.get(label)
+    def subkey(self, label: str) -> bytes:
+        key = self.subkeys.get(label)
         if key is None:
-            # HKDF (RFC 5869) with SHA-256, empty salt, one 32-byte block.
-            prk = hmac.new(b"\x00" * 32, self._root, hashlib.sha256).digest()
-            key = hmac.new(prk, label.encode() + b"\x01", hashlib.sha256).digest()
-            self._cache[label] = key
+            key = self.subkeys[label] = _hkdf(self.material, label)
         return key
+
+
+IdentifierRootLoader = Callable[["Keyring"], bytes]
+
+
+class Keyring:
+    """The deployment's secret keys: sealing (newest first) and keyed identifier hashes.
+
+    ``secret_keys``: the decoded keys of ``CONNECTOR_SECRET_KEY``, newest first (one ``bytes``
+    is a list of one). ``identifier_root``: called once, on the first keyed hash, to get the
+    identifier key (``connector_core.identifier_key.IdentifierKeyStore.load``); without it the
+    identifier key is the oldest (last) listed key.
+    """
+
+    def __init__(
+        self,
+        secret_keys: bytes | Sequence[bytes],
+        *,
+        identifier_root: IdentifierRootLoader | None = None,
+    ) -> None:
+        materials = [secret_keys] if isinstance(secret_keys, bytes) else list(secret_keys)
+        if not materials:
+            raise SettingsError(_SETTING, "holds no key")
+        if len(materials) > MAX_SECRET_KEYS:
+            raise SettingsError(_SETTING, f"holds more than {MAX_SECRET_KEYS} keys")
+        self._keys: list[_SealKey] = []
+        by_id: dict[bytes, _SealKey] = {}
+        for position, material in enumerate(materials, start=1):
+            if len(material) < 32:
+                raise SettingsError(_SETTING, f"key {position} must hold at least 32 bytes")
+            kid = bytes.fromhex(key_id(material))
+            if kid in by_id:
+                raise SettingsError(
+                    _SETTING, f"key {position} repeats an earlier key (key id {kid.hex()})"
+                )
+            key = _SealKey(material=material, kid=kid)
+            self._keys.append(key)
+            by_id[kid] = key
+        self._by_id = by_id
+        self._load_identifier_root = identifier_root
+        self._identifier_root: bytes | None = None
+        self._hash_keys: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    # --- key ids ----------------------------------------------------------------------------
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Ids of the listed keys, newest (sealing) first."""
+        return tuple(k.kid.hex() for k in self._keys)
+
+    @property
+    def active_key_id(self) -> str:
+        return self._keys[0].kid.hex()
+
+    def legacy_identifier_root(self) -> bytes:
+        """What keyed identifiers before the identifier key was stored: the single key the
+        setting held then, i.e. the oldest (last) listed key.
+
+        A deployment's stored identifier key starts as this, so identifiers made before key
+        rotation existed keep their values."""
+        return self._keys[-1].material
+
+    # --- keyed hashes -----------------------------------------------------------------------
+    def _hash_key(self, purpose: str) -> bytes:
+        key = self._hash_keys.get(purpose)
+        if key is None:
+            key = self._hash_keys[purpose] = _hkdf(self.identifier_root(), f"hash:{purpose}")
+        return key
+
+    def identifier_root(self) -> bytes:
+        """The identifier key (loaded once; see the class docstring)."""
+        root = self._identifier_root
+        if root is None:
+            with self._lock:
+                if self._identifier_root is None:
+                    loader = self._load_identifier_root
+                    self._identifier_root = (
+                        loader(self) if loader is not None else self.legacy_identifier_root()
+                    )
+                root = self._identifier_root
+        return root
 
     def keyed_hash(self, purpose: str, *parts: str, length: int = 32) -> str:
         """Hex HMAC-SHA256 of the parts (length-prefixed, so no ambiguity), ``length`` chars."""
-        mac = hmac.new(self._subkey(f"hash:{purpose}"), digestmod=hashlib.sha256)
+        mac = hmac.new(self._hash_key(purpose), digestmod=hashlib.sha256)
         for part in parts:
             data = part.encode()
             mac.update(struct.pack(">I", len(data)) + data)
         return mac.hexdigest()[:length]
 
-    def seal(self, purpose: str, payload: dict[str, Any], *, ttl_seconds: int | None = None) -> str:
-        """Encrypt and authenticate ``payload``; only ``unseal`` with the same purpose opens it."""
+    # --- sealing ----------------------------------------------------------------------------
+    def seal(
+        self,
+        purpose: str,
+        payload: dict[str, Any],
+        *,
+        ttl_seconds: int | None = None,
+        with_key: str | None = None,
+    ) -> str:
+        """Encrypt and authenticate ``payload`` under the first key (or the listed key whose id
+        is ``with_key``); only ``unseal`` with the same purpose opens it, on an instance that
+        lists that key."""
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         body = dict(payload)
         if ttl_seconds is not None:
             body["_exp"] = int(time.time()) + ttl_seconds
-        nonce = secrets.token_bytes(12)
+        key = self._keys[0] if with_key is None else self._by_id[bytes.fromhex(with_key)]
+        header = bytes([_SEAL_V2]) + key.kid
+        nonce = secrets.token_bytes(_NONCE_BYTES)
         plaintext = json.dumps(body, separators=(",", ":")).encode()
-        ciphertext = AESGCM(self._subkey(f"seal:{purpose}")).encrypt(
-            nonce, plaintext, purpose.encode()
+        ciphertext = AESGCM(key.subkey(f"seal:{purpose}")).encrypt(
+            nonce, plaintext, header + purpose.encode()
         )
-        return _b64url(_SEAL_VERSION + nonce + ciphertext)
+        return _b64url(header + nonce + ciphertext)
 
     def unseal(self, purpose: str, token: str, *, now: float | None = None) -> dict[str, Any]:
-        """``AuthenticationError`` if forged, altered, of another purpose or expired."""
+        """``AuthenticationError`` if forged, altered, of another purpose or expired;
+        ``UnknownKeyError`` (one of those) if sealed with a key this keyring does not list."""
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -99,14 +245,37 @@ class Keyring:
             raw = _b64url_decode(token)
         except (ValueError, TypeError):
             raise AuthenticationError("The sealed value is malformed.") from None
-        if len(raw) < 1 + 12 + 16 or raw[:1] != _SEAL_VERSION:
+        version = raw[0] if raw else None
+        plaintext: bytes | None = None
+        if version == _SEAL_V2 and len(raw) >= 1 + _KEY_ID_BYTES + _NONCE_BYTES + _TAG_BYTES:
+            header, rest = raw[: 1 + _KEY_ID_BYTES], raw[1 + _KEY_ID_BYTES :]
+            key = self._by_id.get(header[1:])
+            if key is None:
+                raise UnknownKeyError(
+                    "The sealed value was sealed with a key this instance does not hold "
+                    f"(key id {header[1:].hex()}).",
+                    keyId=header[1:].hex(),
+                )
+            try:
+                plaintext = AESGCM(key.subkey(f"seal:{purpose}")).decrypt(
+                    rest[:_NONCE_BYTES], rest[_NONCE_BYTES:], header + purpose.encode()
+                )
+            except InvalidTag:
+                raise AuthenticationError("The sealed value is not genuine.") from None
+        elif version == _SEAL_V1 and len(raw) >= 1 + _NONCE_BYTES + _TAG_BYTES:
+            # Sealed before key ids existed: any listed key may have sealed it.
+            for key in self._keys:
+                try:
+                    plaintext = AESGCM(key.subkey(f"seal:{purpose}")).decrypt(
+                        raw[1:13], raw[13:], purpose.encode()
+                    )
+                    break
+                except InvalidTag:
+                    continue
+            if plaintext is None:
+                raise AuthenticationError("The sealed value is not genuine.")
+        else:
             raise AuthenticationError("The sealed value is malformed.")
-        try:
-            plaintext = AESGCM(self._subkey(f"seal:{purpose}")).decrypt(
-                raw[1:13], raw[13:], purpose.encode()
-            )
-        except InvalidTag:
-            raise AuthenticationError("The sealed value is not genuine.") from None
         body: dict[str, Any] = json.loads(plaintext)
         expires = body.pop("_exp", None)
         if expires is not None and (now if now is not None else time.time()) > expires:

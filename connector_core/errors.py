@@ -7,6 +7,7 @@ Hierarchy (``http_status`` in brackets)::
     ├── InvalidInputError               a caller's input is malformed or fails validation [400]
     │   └── PayloadTooLargeError        the request body exceeds the size limit [413]
     ├── AuthenticationError             no credentials, or they are invalid or expired [401]
+    │   └── UnknownKeyError             a sealed value names a key this instance does not list [401]
     ├── PermissionDeniedError           authenticated, but not allowed to do this [403]
     ├── NotFoundError                   no such record, or not visible to this caller [404]
     ├── ConflictError                   the record already exists [409]
@@ -15,7 +16,9 @@ Hierarchy (``http_status`` in brackets)::
     ├── RegionMismatchError             the record belongs to another region's deployment [421]
     ├── InvalidStateError               the record is not in a state that allows this [409]
     └── DependencyError                 a service we depend on failed [502]
-        ├── StorageUnavailableError     Table/Queue storage unreachable or failing [503]
+        ├── StorageUnavailableError     Table/Queue storage unreachable or failing (transient) [503]
+        ├── StorageRejectedError        storage refused the request for good (400-class) [500]
+        ├── KeyUnavailableError         a stored value names a key not listed here yet [503]
         ├── EhrError                    the EHR refused or failed a call [502]
         └── GraphError                  Microsoft Graph refused or failed a call [502]
 
@@ -38,6 +41,7 @@ __all__ = [
     "GraphError",
     "InvalidInputError",
     "InvalidStateError",
+    "KeyUnavailableError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -45,6 +49,7 @@ __all__ = [
     "RegionMismatchError",
     "SettingsError",
     "StorageUnavailableError",
+    "UnknownKeyError",
 ]
 
 
@@ -86,6 +91,14 @@ class AuthenticationError(ConnectorError):
     http_status = 401
     title = "Authentication required"
     problem_type = "unauthenticated"
+
+
+class UnknownKeyError(AuthenticationError):
+    """Sealed with a ``CONNECTOR_SECRET_KEY`` key this instance does not list: forged, or made
+    by an instance that already has a newer key list (a rotation in progress). ``keyId`` in
+    ``extra`` names the key (an id, never key material)."""
+
+    problem_type = "unknown-key"
 
 
 class PermissionDeniedError(ConnectorError):
@@ -140,6 +153,26 @@ class StorageUnavailableError(DependencyError):
     http_status = 503
     title = "Storage unavailable"
     problem_type = "storage-unavailable"
+
+
+class KeyUnavailableError(DependencyError):
+    """A value the connector stored itself (a subscription's clientState) is sealed with a key
+    this instance does not list yet: another instance already runs with a newer
+    ``CONNECTOR_SECRET_KEY``. Answered 503 so the caller (Graph) delivers again later."""
+
+    http_status = 503
+    title = "Key rotation in progress"
+    problem_type = "key-unavailable"
+
+
+class StorageRejectedError(DependencyError):
+    """Storage answered a 400-class status other than 404/409/412 (an entity or property too
+    large, an invalid value, a refused credential): the same request will never succeed, so it
+    is not retried. ``extra`` carries ``status`` and ``code`` (the service's error code)."""
+
+    http_status = 500
+    title = "Storage refused the request"
+    problem_type = "storage-rejected"
 
 
 class EhrError(DependencyError):

@@ -144,12 +144,7 @@ class Settings(BaseModel):
     @field_validator("secret_key")
     @classmethod
     def _key_material(cls, value: SecretStr) -> SecretStr:
-        try:
-            raw = base64.b64decode(value.get_secret_value(), validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("must be base64") from None
-        if len(raw) < 32:
-            raise ValueError("must hold at least 32 bytes (256 bits) of key material")
+        _decode_secret_keys(value.get_secret_value())
         return value
 
     @field_validator("smart_private_key")
@@ -182,8 +177,14 @@ class Settings(BaseModel):
         return (urlsplit(self.entra_authority_host).hostname or "") in MICROSOFT_AUTHORITY_HOSTS
 
     @property
+    def secret_keys(self) -> tuple[bytes, ...]:
+        """The keys of ``CONNECTOR_SECRET_KEY``, newest (the sealing key) first."""
+        return _decode_secret_keys(self.secret_key.get_secret_value())
+
+    @property
     def secret_key_bytes(self) -> bytes:
-        return base64.b64decode(self.secret_key.get_secret_value())
+        """The first (sealing) key."""
+        return self.secret_keys[0]
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -212,6 +213,35 @@ class Settings(BaseModel):
             if not _is_loopback_or_private(host):
                 raise SettingsError("CONNECTOR_PUBLIC_URL", "must be https outside dev mode")
         return settings
+
+
+def _decode_secret_keys(value: str) -> tuple[bytes, ...]:
+    """``CONNECTOR_SECRET_KEY``: base64 keys separated by commas, newest first (DESIGN.md
+    section 4). Blanks around keys are ignored; each key holds at least 32 bytes."""
+    from connector_core.crypto import MAX_SECRET_KEYS
+
+    entries = [entry.strip() for entry in value.split(",")]
+    if entries and not entries[-1] and len(entries) > 1:
+        entries.pop()  # one trailing comma
+    if not entries or not entries[0]:
+        raise ValueError("must hold at least one base64 key")
+    if len(entries) > MAX_SECRET_KEYS:
+        raise ValueError(f"holds more than {MAX_SECRET_KEYS} keys")
+    keys: list[bytes] = []
+    for position, entry in enumerate(entries, start=1):
+        which = "" if len(entries) == 1 else f"key {position}: "
+        if not entry:
+            raise ValueError(f"{which}is empty (two commas in a row?)")
+        try:
+            raw = base64.b64decode(entry, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{which}must be base64 (keys are separated by commas)") from None
+        if len(raw) < 32:
+            raise ValueError(f"{which}must hold at least 32 bytes (256 bits) of key material")
+        if raw in keys:
+            raise ValueError(f"key {position} repeats key {keys.index(raw) + 1}")
+        keys.append(raw)
+    return tuple(keys)
 
 
 def _storage_from_environ(env: Mapping[str, str]) -> StorageSettings:

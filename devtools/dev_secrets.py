@@ -3,6 +3,14 @@
 ``python -m devtools.dev_secrets`` writes ``local.settings.json`` (gitignored) from
 ``local.settings.sample.json`` with fresh values for the secret settings, unless it exists.
 Never use these values in Azure: there, Key Vault holds real secrets.
+
+Rehearsing a ``CONNECTOR_SECRET_KEY`` rotation locally (docs/operations.md):
+
+    python -m devtools.dev_secrets --stage-secret-key     # [old] -> [old, new]
+    python -m devtools.dev_secrets --promote-secret-key   # [old, new] -> [new, old]
+    python -m devtools.dev_secrets --retire-secret-keys   # [new, old] -> [new]
+
+Each prints the key ids (never the keys); restart the connector after each step.
 """
 
 from __future__ import annotations
@@ -25,8 +33,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 __all__ = [
     "dev_secret_settings",
     "new_rsa_private_key_pem",
+    "new_secret_key",
     "new_self_signed_cert",
     "new_self_signed_cert_pem",
+    "rotate_secret_key",
 ]
 
 
@@ -70,9 +80,38 @@ def new_self_signed_cert_pem(common_name: str = "vv-connector-notifications") ->
     return cert.public_bytes(serialization.Encoding.PEM).decode() + key_pem
 
 
+def new_secret_key() -> str:
+    """One ``CONNECTOR_SECRET_KEY`` key: 32 random bytes, base64."""
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def rotate_secret_key(value: str, step: str) -> str:
+    """``CONNECTOR_SECRET_KEY`` after one rotation step: ``stage`` appends a new key (listed,
+    not yet sealing), ``promote`` moves the last key to the front (it seals from now on),
+    ``retire`` keeps only the first key."""
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if step == "stage":
+        keys.append(new_secret_key())
+    elif step == "promote":
+        if len(keys) < 2:
+            raise ValueError("nothing to promote: stage a new key first")
+        keys.insert(0, keys.pop())
+    elif step == "retire":
+        keys = keys[:1]
+    else:
+        raise ValueError(f"unknown step {step!r}")
+    return ",".join(keys)
+
+
+def _key_ids(value: str) -> str:
+    from connector_core.crypto import key_id
+
+    return ", ".join(key_id(base64.b64decode(k)) for k in value.split(",") if k.strip())
+
+
 def dev_secret_settings() -> dict[str, str]:
     return {
-        "CONNECTOR_SECRET_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "CONNECTOR_SECRET_KEY": new_secret_key(),
         "SMART_PRIVATE_KEY": new_rsa_private_key_pem(),
         "GRAPH_NOTIFICATION_CERT": new_self_signed_cert_pem(),
     }
@@ -91,7 +130,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--path", type=Path, default=REPO_ROOT / "local.settings.json")
     parser.add_argument("--force", action="store_true", help="overwrite an existing file")
+    step = parser.add_mutually_exclusive_group()
+    for name, what in (
+        ("stage", "append a new CONNECTOR_SECRET_KEY key (opens, does not seal yet)"),
+        ("promote", "make the last CONNECTOR_SECRET_KEY key the first (it seals)"),
+    ):
+        step.add_argument(
+            f"--{name}-secret-key", dest="step", action="store_const", const=name, help=what
+        )
+    step.add_argument(
+        "--retire-secret-keys",
+        dest="step",
+        action="store_const",
+        const="retire",
+        help="keep only the first CONNECTOR_SECRET_KEY key",
+    )
     args = parser.parse_args(argv)
+    if args.step:
+        data = json.loads(args.path.read_text())
+        before = data["Values"]["CONNECTOR_SECRET_KEY"]
+        after = rotate_secret_key(before, args.step)
+        data["Values"]["CONNECTOR_SECRET_KEY"] = after
+        args.path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"CONNECTOR_SECRET_KEY key ids: {_key_ids(before)} -> {_key_ids(after)}")
+        print("restart the connector to use them")
+        return 0
     if write_local_settings(args.path, force=args.force):
         print(f"wrote {args.path}")
     else:

@@ -12,6 +12,9 @@
 # 3. Runs `checkov --framework bicep` on DIR with the project's own checks (infra/checkov/)
 #    and judges its JSON report (infra/check_report.py): parsing errors, failed checks,
 #    unjustified or stale skips all fail; checkov alone exits 0 on files it cannot parse.
+# 4. Runs the project rules that span resources and files (infra/checkov/connector_rules.py):
+#    storage data roles scoped to single tables/queues/containers, diagnostic settings, private
+#    endpoints and VNet integration behind privateNetworking, production parameter files.
 # Exits non-zero on any problem.
 set -uo pipefail
 
@@ -77,6 +80,11 @@ if [ "$ckv_rc" -gt 1 ]; then
     status=1
 fi
 if ! "$VENV/bin/python" "$SCRIPT_DIR/check_report.py" "$WORK/report.json" "$TARGET"; then
+    status=1
+fi
+
+echo "== project rules: $TARGET"
+if ! PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" "$SCRIPT_DIR/checkov/connector_rules.py" "$TARGET"; then
     status=1
 fi
 

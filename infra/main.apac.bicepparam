@@ -17,3 +17,8 @@ param smartClientId = readEnvironmentVariable('SMART_CLIENT_ID', '')
 param allowedTenants = readEnvironmentVariable('CONNECTOR_ALLOWED_TENANTS', '')
 param ehrPrivateTargets = readEnvironmentVariable('CONNECTOR_EHR_PRIVATE_TARGETS', '')
 param principalId = readEnvironmentVariable('AZURE_PRINCIPAL_ID', '')
+param alertEmail = readEnvironmentVariable('CONNECTOR_ALERT_EMAIL', '')
+
+// Production: storage and Key Vault only through private endpoints, the app VNet-integrated
+// (docs/operations.md, "Private networking").
+param privateNetworking = true

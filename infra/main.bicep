@@ -103,6 +103,15 @@ param principalId string = ''
 ])
 param principalType string = 'User'
 
+@description('Private networking: a VNet with the Function App\'s VNet integration and private endpoints for storage (blob, queue, table) and Key Vault, whose public network access is then turned off. On in the production parameter files; the Function App itself stays reachable from the internet (EHRs, browsers, Microsoft Graph).')
+param privateNetworking bool = false
+
+@description('Address space of the VNet (privateNetworking). The first /24 is the app subnet, the second the private endpoints.')
+param vnetAddressPrefix string = '10.60.0.0/22'
+
+@description('Address that receives the connector\'s alert mails (docs/operations.md, "Alerts"). Empty: alerts show in Azure Monitor only.')
+param alertEmail string = ''
+
 var envName = empty(environmentName) ? 'connector' : environmentName
 var resourceToken = toLower(uniqueString(subscription().id, envName, region, location))
 var tags = {
@@ -112,6 +121,31 @@ var tags = {
 }
 var functionAppName = 'func-connector-${region}-${resourceToken}'
 var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
+// What the app uses in storage, so every role can be scoped to it (tests/infra checks these
+// lists against connector_core: repositories' table kinds, connector_core/queues.py).
+var connectorTableKinds = [
+  'configs'
+  'usermaps'
+  'visits'
+  'subs'
+  'nonces'
+  'keyring'
+  'portalsessions'
+]
+var connectorTables = [for kind in connectorTableKinds: 'vv${region}${kind}']
+var connectorQueues = [
+  'presence-events'
+  'presence-events-poison'
+  'meeting-subscriptions'
+  'meeting-subscriptions-poison'
+]
+var hostContainers = [
+  'azure-webjobs-hosts'
+  'azure-webjobs-secrets'
+]
+var vnetPrefixParts = split(split(vnetAddressPrefix, '/')[0], '.')
+var vnetBase = '${vnetPrefixParts[0]}.${vnetPrefixParts[1]}'
+var vnetThird = int(vnetPrefixParts[2])
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : (contains(envName, region) ? 'rg-${envName}' : 'rg-${envName}-${region}')
@@ -150,6 +184,11 @@ module storage 'core/storage/storage-account.bicep' = {
     tags: tags
     skuName: storageSkuName
     deploymentContainerName: deploymentContainerName
+    privateNetworking: privateNetworking
+    tableNames: connectorTables
+    queueNames: connectorQueues
+    hostContainerNames: hostContainers
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsWorkspaceId
   }
 }
 
@@ -161,6 +200,77 @@ module keyVault 'core/security/key-vault.bicep' = {
     location: location
     tags: tags
     logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsWorkspaceId
+    privateNetworking: privateNetworking
+  }
+}
+
+// --- private networking (privateNetworking) ------------------------------------------------------
+module network 'core/network/virtual-network.bicep' = if (privateNetworking) {
+  name: 'network'
+  scope: rg
+  params: {
+    name: 'vnet-connector-${region}-${resourceToken}'
+    location: location
+    tags: tags
+    addressPrefix: vnetAddressPrefix
+    appSubnetPrefix: '${vnetBase}.${vnetThird}.0/24'
+    privateEndpointSubnetPrefix: '${vnetBase}.${vnetThird + 1}.0/24'
+  }
+}
+
+module storageBlobEndpoint 'core/network/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-storage-blob'
+  scope: rg
+  params: {
+    name: 'pe-st${resourceToken}-blob'
+    location: location
+    tags: tags
+    serviceId: storage.outputs.id
+    groupId: 'blob'
+    subnetId: privateNetworking ? network.outputs.privateEndpointSubnetId : ''
+    privateDnsZoneId: privateNetworking ? network.outputs.blobZoneId : ''
+  }
+}
+
+module storageQueueEndpoint 'core/network/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-storage-queue'
+  scope: rg
+  params: {
+    name: 'pe-st${resourceToken}-queue'
+    location: location
+    tags: tags
+    serviceId: storage.outputs.id
+    groupId: 'queue'
+    subnetId: privateNetworking ? network.outputs.privateEndpointSubnetId : ''
+    privateDnsZoneId: privateNetworking ? network.outputs.queueZoneId : ''
+  }
+}
+
+module storageTableEndpoint 'core/network/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-storage-table'
+  scope: rg
+  params: {
+    name: 'pe-st${resourceToken}-table'
+    location: location
+    tags: tags
+    serviceId: storage.outputs.id
+    groupId: 'table'
+    subnetId: privateNetworking ? network.outputs.privateEndpointSubnetId : ''
+    privateDnsZoneId: privateNetworking ? network.outputs.tableZoneId : ''
+  }
+}
+
+module keyVaultEndpoint 'core/network/private-endpoint.bicep' = if (privateNetworking) {
+  name: 'pe-keyvault'
+  scope: rg
+  params: {
+    name: 'pe-kv${resourceToken}'
+    location: location
+    tags: tags
+    serviceId: keyVault.outputs.id
+    groupId: 'vault'
+    subnetId: privateNetworking ? network.outputs.privateEndpointSubnetId : ''
+    privateDnsZoneId: privateNetworking ? network.outputs.vaultZoneId : ''
   }
 }
 
@@ -172,8 +282,13 @@ module rbac 'app/rbac.bicep' = {
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     appPrincipalId: identity.outputs.principalId
+    tableNames: connectorTables
+    queueNames: connectorQueues
+    hostContainerNames: hostContainers
+    deploymentContainerName: deploymentContainerName
     operatorPrincipalId: principalId
     operatorPrincipalType: principalType
+    operatorQueueNames: connectorQueues
   }
 }
 
@@ -204,11 +319,30 @@ module functionApp 'app/function-app.bicep' = {
     deploymentContainerName: deploymentContainerName
     keyVaultName: keyVault.outputs.name
     applicationInsightsName: monitoring.outputs.applicationInsightsName
+    logAnalyticsWorkspaceId: monitoring.outputs.logAnalyticsWorkspaceId
+    virtualNetworkSubnetId: privateNetworking ? network.outputs.appSubnetId : ''
   }
-  // Role assignments first, so the app's first start can read Key Vault and storage.
+  // Role assignments and private endpoints first, so the app's first start can read Key Vault
+  // and storage.
   dependsOn: [
     rbac
+    storageBlobEndpoint
+    storageQueueEndpoint
+    storageTableEndpoint
+    keyVaultEndpoint
   ]
+}
+
+module alerts 'core/monitor/alerts.bicep' = {
+  name: 'alerts'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    namePrefix: 'connector-${region}'
+    applicationInsightsId: monitoring.outputs.applicationInsightsId
+    alertEmail: alertEmail
+  }
 }
 
 output AZURE_LOCATION string = location
@@ -220,3 +354,4 @@ output AZURE_FUNCTION_NAME string = functionApp.outputs.name
 output SERVICE_API_NAME string = functionApp.outputs.name
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output CONNECTOR_PRIVATE_NETWORKING bool = privateNetworking

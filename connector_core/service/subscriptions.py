@@ -38,7 +38,9 @@ from connector_core.errors import (
     DependencyError,
     GraphError,
     InvalidStateError,
+    KeyUnavailableError,
     NotFoundError,
+    UnknownKeyError,
 )
 from connector_core.logs import get_logger, log_event
 from connector_core.queues import SUBSCRIPTION_POISON_QUEUE, SUBSCRIPTION_QUEUE
@@ -81,8 +83,26 @@ class PendingSubscription:
 
 
 def client_state_of(container: Container, subscription: GraphSubscription) -> str:
-    """The subscription's clientState secret (for the webhook's constant-time comparison)."""
-    payload = container.keyring.unseal("client-state", subscription.client_state_sealed)
+    """The subscription's clientState secret (for the webhook's constant-time comparison).
+
+    ``KeyUnavailableError`` (503) when another instance sealed it with a CONNECTOR_SECRET_KEY
+    key this one does not list yet (a rotation under way): the notification is genuine, so
+    Graph must deliver it again rather than have it dropped."""
+    try:
+        payload = container.keyring.unseal("client-state", subscription.client_state_sealed)
+    except UnknownKeyError as error:
+        log_event(
+            _log,
+            "keys.unknown_key_id",
+            level=logging.WARNING,
+            what="client-state",
+            key_id=error.extra.get("keyId", "-"),
+            listed=",".join(container.keyring.key_ids),
+        )
+        raise KeyUnavailableError(
+            "This instance does not hold the key the subscription's secret is sealed with yet "
+            "(CONNECTOR_SECRET_KEY rotation in progress); deliver again."
+        ) from None
     return str(payload["clientState"])
 
 

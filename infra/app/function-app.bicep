@@ -1,6 +1,9 @@
 // The connector's Function App on the Flex Consumption plan (Linux, Python 3.11), running as a
 // user-assigned managed identity. App settings follow docs DESIGN.md section 4 exactly; storage
-// connections are identity-based and secrets are Key Vault references.
+// connections are identity-based and secrets are Key Vault references. With a subnet
+// (virtualNetworkSubnetId, privateNetworking in main.bicep) its outbound traffic, storage and Key
+// Vault included, goes through the VNet; inbound stays public (browsers, EHRs, Microsoft Graph).
+// Function logs and metrics go to the Log Analytics workspace (FunctionAppLogs only).
 param name string
 param planName string
 param location string = resourceGroup().location
@@ -44,6 +47,9 @@ param storageAccountName string
 param deploymentContainerName string
 param keyVaultName string
 param applicationInsightsName string
+param logAnalyticsWorkspaceId string
+@description('Subnet of the VNet integration (delegated to Microsoft.App/environments); empty: none.')
+param virtualNetworkSubnetId string = ''
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -96,6 +102,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
     clientCertEnabled: false
     publicNetworkAccess: 'Enabled'
     keyVaultReferenceIdentity: identityId
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     siteConfig: {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
@@ -147,6 +154,29 @@ resource scmPolicy 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-
   name: 'scm'
   properties: {
     allow: false
+  }
+}
+
+// Function logs (the host's and the app's: FunctionAppLogs) and platform metrics. Deliberately
+// not AppServiceHTTPLogs or the allLogs group: HTTP access logs record query strings, and the
+// launch and sign-in callbacks carry code, state, launch and iss in theirs.
+resource siteDiagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
+  name: 'to-log-analytics'
+  scope: site
+  properties: {
+    workspaceId: logAnalyticsWorkspaceId
+    logs: [
+      {
+        category: 'FunctionAppLogs'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
+        enabled: true
+      }
+    ]
   }
 }
 

@@ -6,7 +6,9 @@
 #   graph-notification-cert  generated: self-signed RSA 2048 certificate + private key, PEM
 #   entra-client-secret      taken from $ENTRA_CLIENT_SECRET when set, otherwise reported missing
 # Needs: az (logged in, with Key Vault Secrets Officer on the vault; azd grants it to the
-# signed-in user through principalId) and openssl.
+# signed-in user through principalId) and openssl. With private networking on, the vault's public
+# endpoint is closed: run this from inside the virtual network, or bootstrap once with private
+# networking off (docs/operations.md, "First deployment"); the hook says so instead of retrying.
 #   AZURE_KEY_VAULT_NAME=kv... sh infra/hooks/postprovision.sh
 set -eu
 
@@ -18,6 +20,26 @@ trap 'rm -rf "$tmp"' EXIT INT TERM
 exists() {
     az keyvault secret show --vault-name "$vault" --name "$1" --query id -o tsv >/dev/null 2>&1
 }
+
+# Fail fast (and say why) when the vault refuses this machine's network, instead of taking a
+# closed public endpoint for missing secrets and retrying for minutes.
+reachable() {
+    if out="$(az keyvault secret list --vault-name "$vault" --maxresults 1 -o none 2>&1)"; then
+        return 0
+    fi
+    case "$out" in
+    *ForbiddenByConnection* | *ForbiddenByFirewall* | *"ublic network access"*)
+        echo "Key Vault $vault refuses connections from this machine: private networking is on, so" >&2
+        echo "its public endpoint is closed. Set the secrets from a machine inside the virtual network," >&2
+        echo "or bootstrap the region once with private networking off (docs/operations.md):" >&2
+        echo "  azd env set CONNECTOR_PRIVATE_NETWORKING false && azd provision   # sets the secrets" >&2
+        echo "  azd env set CONNECTOR_PRIVATE_NETWORKING true && azd provision    # public access off" >&2
+        return 1
+        ;;
+    esac
+    return 0 # anything else (role assignment not propagated yet) is retried by put()
+}
+reachable
 
 put() { # name file
     # New role assignments can take a few minutes to reach Key Vault: retry.
@@ -67,4 +89,10 @@ elif [ -n "${ENTRA_CLIENT_SECRET:-}" ]; then
 else
     echo "secret entra-client-secret is MISSING: create a client secret on the Entra app registration, then" >&2
     echo "  az keyvault secret set --vault-name $vault --name entra-client-secret --file <file holding the secret>" >&2
+fi
+
+if [ "${CONNECTOR_PRIVATE_NETWORKING:-}" = "false" ]; then
+    echo "WARNING: private networking is OFF in this region: storage and Key Vault accept public" >&2
+    echo "network traffic (Entra ID only). For production: azd env set CONNECTOR_PRIVATE_NETWORKING" >&2
+    echo "true, then azd provision (docs/operations.md, \"Private networking\")." >&2
 fi

@@ -34,6 +34,8 @@ def test_real_infra_passes(real_infra_check: CheckRun) -> None:
     assert passed >= 30
     # The project's own checks ran (external checks dir loaded).
     assert "0 problem(s)" in out
+    assert not re.search(r"FAILED\s+CKV_CONNECTOR_", out)  # checkov prints failures only
+    assert re.search(r"project rules: 5 passed, 0 failed", out), out
     # Every skip printed with its justification.
     assert out.count("SKIPPED ") == skipped
     assert out.count("why: ") == skipped
@@ -86,3 +88,62 @@ def test_insecure_settings_and_unjustified_skips_fail_naming_the_checks(infra_co
         r"key-vault\.bicep:\d+: checkov skip without a check id and a justification", out
     ), out
     assert "skip without justification: CKV_AZURE_110" in out, out
+
+
+def test_network_logging_and_role_scope_rules_fail_naming_the_rule(infra_copy: Path) -> None:
+    storage = infra_copy / "core" / "storage" / "storage-account.bicep"
+    _replace(
+        storage,
+        "publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'",
+        "publicNetworkAccess: 'Enabled'",
+    )
+    # Table logs moved off the table service: the table service has no diagnostic setting.
+    _replace(
+        storage,
+        "  scope: tableServices\n  properties: {\n    workspaceId",
+        "  scope: storage\n  properties: {\n    workspaceId",
+    )
+    vault = infra_copy / "core" / "security" / "key-vault.bicep"
+    _replace(vault, "defaultAction: privateNetworking ? 'Deny' : 'Allow'", "defaultAction: 'Allow'")
+    app = infra_copy / "app" / "function-app.bicep"
+    _replace(
+        app,
+        "    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId\n",
+        "",
+    )
+    _replace(app, "category: 'FunctionAppLogs'", "category: 'AppServiceHTTPLogs'")
+    # A table role on the whole account.
+    _replace(infra_copy / "app" / "rbac.bicep", "  scope: tables[i]\n", "  scope: storage\n")
+    # No private endpoint for Key Vault, and a production region left public.
+    _replace(infra_copy / "main.bicep", "    groupId: 'vault'\n", "    groupId: 'blob'\n")
+    _replace(
+        infra_copy / "main.apac.bicepparam",
+        "param privateNetworking = true",
+        "param privateNetworking = false",
+    )
+
+    result = run_check(infra_copy)
+    out = result.output
+
+    assert result.returncode != 0, out
+    for check, where in (
+        ("CKV_CONNECTOR_11", "/core/storage/storage-account.bicep"),
+        ("CKV_CONNECTOR_12", "/core/security/key-vault.bicep"),
+        ("CKV_CONNECTOR_13", "/app/function-app.bicep"),
+        ("CKV_CONNECTOR_14", "/app/function-app.bicep"),
+    ):
+        assert re.search(rf"FAILED\s+{check} {re.escape(where)}", out), (check, out)
+    assert re.search(
+        r"FAILED\s+CKV_CONNECTOR_R1 .*Storage Table Data Contributor on Microsoft\.Storage/storageAccounts",
+        out,
+    ), out
+    assert re.search(
+        r"FAILED\s+CKV_CONNECTOR_R2 .*no diagnostic setting targets a Microsoft\.Storage/storageAccounts/tableServices",
+        out,
+    ), out
+    assert re.search(r"FAILED\s+CKV_CONNECTOR_R3 .*no private endpoint for vault", out), out
+    assert re.search(
+        r"FAILED\s+CKV_CONNECTOR_R5 .*main\.apac\.bicepparam does not set privateNetworking = true",
+        out,
+    ), out
+    assert re.search(r"project rules: \d+ passed, 4 failed", out), out

@@ -157,20 +157,67 @@ def test_role_assignments_are_least_privilege_and_guid_named() -> None:
         "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",  # Storage Table Data Contributor
         "974c5e8b-45b9-4653-ba55-5f855dd0fb88",  # Storage Queue Data Contributor
         "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",  # Storage Blob Data Owner
+        "ba92f5b4-2d11-453d-a403-e96b0029c9fe",  # Storage Blob Data Contributor
         "4633458b-17de-408a-b874-0445c86b69e6",  # Key Vault Secrets User
         "3913510d-42f4-4e42-8a64-420c390055eb",  # Monitoring Metrics Publisher
     ):
         assert role_id in rbac
     assignments = re.findall(
-        r"^resource \w+ 'Microsoft\.Authorization/roleAssignments@[^']+' = (?:if \(.*\) )?\{\n  name: (.+)$",
+        r"^resource (\w+) 'Microsoft\.Authorization/roleAssignments@[^']+' = "
+        r"(?:\[for [^\n]+?: )?(?:if \(.*\) )?\{\n  name: (.+)\n  scope: (.+)$",
         rbac,
         re.M,
     )
-    assert len(assignments) == 6
-    assert all(name.startswith("guid(") for name in assignments)
+    assert len(assignments) == 8
+    assert all(name.startswith("guid(") for _, name, _ in assignments)
+    scopes = {symbol: scope for symbol, _, scope in assignments}
+    # Storage data roles on single tables, queues and containers, never the account.
+    assert scopes["tableContributor"] == "tables[i]"
+    assert scopes["queueContributor"] == "queues[i]"
+    assert scopes["hostBlobOwner"] == "hostContainers[i]"
+    assert scopes["packageContributor"] == "deploymentContainer"
+    assert scopes["operatorQueueContributor"] == "operatorQueues[i]"
+    assert "storage" not in scopes.values()
     # Never subscription- or resource-group-wide owner/contributor roles.
     for broad in ("8e3af657-a8ff-443c-a75c-2fe8c4bcb635", "b24988ac-6180-42a0-ab88-20f7382dd24c"):
         assert broad not in rbac
+
+
+def _bicep_list(text: str, name: str) -> list[str]:
+    block = re.search(rf"^var {name} = \[\n(.*?)^\]", text, re.S | re.M)
+    assert block, f"var {name} not found"
+    return re.findall(r"^\s+'([^']+)'$", block.group(1), re.M)
+
+
+def _code_table_kinds() -> set[str]:
+    """Table kinds the connector reads and writes: ``table_name(region, "<kind>")`` and the
+    repositories' ``kind="<kind>", model=...``, anywhere in connector_core."""
+    kinds: set[str] = set()
+    for path in (REPO_ROOT / "connector_core").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        kinds.update(re.findall(r"table_name\(\s*[\w.]+\s*,\s*\"(\w+)\"\s*\)", text))
+        kinds.update(re.findall(r"kind=\"(\w+)\",\s*model=", text))
+    return kinds
+
+
+def test_infra_creates_and_grants_exactly_the_tables_and_queues_the_code_uses() -> None:
+    """Roles are scoped per table and queue, so a table or queue the code starts using must be
+    added to infra/main.bicep (connectorTableKinds, connectorQueues), and one it stops using
+    removed; otherwise the app gets a 403 in Azure that no local test sees."""
+    import connector_core.queues as queues
+
+    main = (INFRA / "main.bicep").read_text(encoding="utf-8")
+    assert set(_bicep_list(main, "connectorTableKinds")) == _code_table_kinds()
+    code_queues = {
+        value
+        for name, value in vars(queues).items()
+        if name.isupper() and name.endswith("QUEUE") and isinstance(value, str)
+    }
+    assert code_queues, "connector_core/queues.py names no queues"
+    # The Functions host moves a trigger queue's failed messages to "<queue>-poison".
+    code_queues |= {f"{q}-poison" for q in code_queues if not q.endswith("-poison")}
+    assert set(_bicep_list(main, "connectorQueues")) == code_queues
+    assert "tableNames: connectorTables" in main and "queueNames: connectorQueues" in main
 
 
 def test_azd_project_wiring() -> None:

@@ -5,15 +5,18 @@
 //   graph-notification-cert -> GRAPH_NOTIFICATION_CERT
 //   entra-client-secret     -> ENTRA_CLIENT_SECRET
 // Secret values are never part of a template: operators set them after provisioning
-// (infra/README.md, infra/hooks/postprovision.sh).
+// (infra/README.md, infra/hooks/postprovision.sh). With privateNetworking, public network access
+// is off: the app resolves the references through its VNet integration and the vault's private
+// endpoint, and operators set secrets from inside the network (docs/operations.md).
 param name string
 param location string = resourceGroup().location
 param tags object = {}
 param logAnalyticsWorkspaceId string
+@description('Turn public network access off (reached through a private endpoint only).')
+param privateNetworking bool = false
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  //checkov:skip=CKV_AZURE_109:The Flex Consumption app is not VNet-integrated, so Key Vault references resolve over the public endpoint; the vault allows data-plane access only through Entra ID RBAC (no access policies).
-  //checkov:skip=CKV_AZURE_189:Public network access stays enabled for the same reason; RBAC limits readers to the app's managed identity.
+  //checkov:skip=CKV_AZURE_109:Default action is Deny whenever privateNetworking is on (the production parameter files); checkov cannot evaluate the conditional, CKV_CONNECTOR_12 proves it. With it off (first bootstrap, dev), data-plane access is Entra ID RBAC only.
   name: name
   location: location
   tags: tags
@@ -30,15 +33,16 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enabledForDeployment: false
     enabledForDiskEncryption: false
     enabledForTemplateDeployment: false
-    publicNetworkAccess: 'Enabled'
+    publicNetworkAccess: privateNetworking ? 'Disabled' : 'Enabled'
     networkAcls: {
-      defaultAction: 'Allow'
-      bypass: 'AzureServices'
+      defaultAction: privateNetworking ? 'Deny' : 'Allow'
+      bypass: privateNetworking ? 'None' : 'AzureServices'
     }
   }
 }
 
-// Audit every secret read and write.
+// Audit every secret read and write (who, from where, which secret; never the value), with the
+// vault's metrics (availability, latency, throttling).
 resource auditLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
   name: 'audit-to-log-analytics'
   scope: vault
@@ -47,6 +51,12 @@ resource auditLogs 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = 
     logs: [
       {
         categoryGroup: 'audit'
+        enabled: true
+      }
+    ]
+    metrics: [
+      {
+        category: 'AllMetrics'
         enabled: true
       }
     ]
