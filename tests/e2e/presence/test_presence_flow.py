@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from connector_core.domain.models import EhrVendor
+from connector_core.domain.scopes import BACKEND_SERVICES_SCOPES, scope_string
 from devtools.sandbox import seed
 from devtools.sandbox._notify import encrypt_rich_notification
 from tests.e2e.presence._flow import APPOINTMENT, LiveVisit, launch_visit, wait_for
@@ -63,6 +64,13 @@ def test_subscription_creation_passed_graphs_validation(fresh_stack: Stack) -> N
 
 
 def test_roster_updates_write_audit_events_with_a_backend_token(fresh_stack: Stack) -> None:
+    # An earlier test of the session may have left a backend token in the worker's cache.
+    container = fresh_stack.container()
+    container.smart.forget_backend_token(
+        container.smart.get_configuration(fresh_stack.sandbox.fhir_base),
+        client_id=container.settings.smart_client_id,
+        scope=scope_string(BACKEND_SERVICES_SCOPES),
+    )
     live = launch_visit(fresh_stack)
     doctor = live.join_clinician()
     patient = live.join_patient()
