@@ -1,6 +1,6 @@
 """Settings from the environment (Function App settings / ``local.settings.json`` ``Values``).
 
-Names are a contract (DESIGN.md section 4). ``Settings.from_environ`` validates everything at
+Names are a contract (docs/design.md section 4). ``Settings.from_environ`` validates everything at
 start-up and raises ``SettingsError`` naming the first bad setting.
 """
 
@@ -216,7 +216,7 @@ class Settings(BaseModel):
 
 
 def _decode_secret_keys(value: str) -> tuple[bytes, ...]:
-    """``CONNECTOR_SECRET_KEY``: base64 keys separated by commas, newest first (DESIGN.md
+    """``CONNECTOR_SECRET_KEY``: base64 keys separated by commas, newest first (docs/design.md
     section 4). Blanks around keys are ignored; each key holds at least 32 bytes."""
     from connector_core.crypto import MAX_SECRET_KEYS
 

@@ -1,4 +1,4 @@
-"""Configuration portal API (DESIGN.md section 5): thin HTTP translation over
+"""Configuration portal API (docs/design.md section 5): thin HTTP translation over
 ``connector_core._configs().configs``. JSON routes answer problem+json errors; the EHR sign-in
 callback is a browser route (HTML error pages)."""
 

@@ -1,4 +1,4 @@
-"""The configuration portal's web pages (DESIGN.md section 5, "Configuration portal").
+"""The configuration portal's web pages (docs/design.md section 5, "Configuration portal").
 
 Thin: each route turns ``func.HttpRequest`` into a ``WebRequest``, calls its page in
 ``connector_core.service.portal_web.pages`` (which calls the same use cases as the JSON API)

@@ -1,4 +1,4 @@
-"""The one guarded HTTP client for every call to an EHR (DESIGN.md section 5, "Launch").
+"""The one guarded HTTP client for every call to an EHR (docs/design.md section 5, "Launch").
 
 Discovery, JWKS, token requests, FHIR reads, AuditEvent and Epic's connection-status call all go
 through ``guarded_client``. An EHR's discovery document and DNS are controlled by whoever runs that
@@ -20,7 +20,7 @@ EHR (a tenant), so nothing they say is trusted to be a safe target:
   when it was checked and approved.
 
 Outbound TLS trusts ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` / ``REQUESTS_CA_BUNDLE`` like the rest of
-the connector (DESIGN.md section 4), so a local HTTPS sandbox works without code changes.
+the connector (docs/design.md section 4), so a local HTTPS sandbox works without code changes.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ __all__ = [
     "utcnow",
 ]
 
-# The approver must have signed in to the EHR this recently to approve (DESIGN.md, portal API).
+# The approver must have signed in to the EHR this recently to approve (docs/design.md, portal API).
 APPROVAL_SIGNIN_WINDOW = timedelta(minutes=30)
 
 

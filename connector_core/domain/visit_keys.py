@@ -4,7 +4,7 @@ Raw EHR ids exist only inside the request that received them: what is stored or 
 keyed HMAC (``Keyring.keyed_hash``) of them, or the refs sealed for the write-back.
 
 * visit key  = keyed_hash("visit", config id, kind, id), kind: conference > appointment > encounter
-  (the order of preference of DESIGN.md; group visits share a conference id);
+  (the order of preference of docs/design.md; group visits share a conference id);
 * EHR user key = keyed_hash("ehr-user", normalized issuer, "Type/id" of ``fhirUser``).
 """
 

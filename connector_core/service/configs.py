@@ -1,4 +1,4 @@
-"""Configuration portal use cases (DESIGN.md section 5, "Portal API").
+"""Configuration portal use cases (docs/design.md section 5, "Portal API").
 
 A Microsoft 365 admin (app role ``Connector.Admin``) registers a FHIR base URL for the test or
 production environment and names an approver; the approver (an EHR analyst, identified by the

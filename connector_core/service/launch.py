@@ -1,6 +1,6 @@
 """Virtual visit launch: SMART EHR launch -> (first time: Entra sign-in) -> the Teams meeting.
 
-Flow (DESIGN.md section 5, "Launch")::
+Flow (docs/design.md section 5, "Launch")::
 
     GET launch/{provider|patient}/{configId}?iss&launch   start_launch
         approved config (cached 30 s in-process), iss == its FHIR base, SMART discovery (cached),

@@ -1,4 +1,4 @@
-"""Wire models of the configuration portal API (DESIGN.md section 5, "Portal API").
+"""Wire models of the configuration portal API (docs/design.md section 5, "Portal API").
 
 Request bodies are validated with these models (unknown fields refused, each error names its
 field) and responses are serialized through them; the OpenAPI document

@@ -1,6 +1,6 @@
 """Sandbox SMART EHR: a strict, local stand-in for Epic, Oracle Health or any SMART on FHIR EHR.
 
-Implements what the connector relies on (see DESIGN.md): SMART App Launch 2.x discovery, EHR and
+Implements what the connector relies on (docs/design.md): SMART App Launch 2.x discovery, EHR and
 standalone launch with PKCE (S256 only), ``private_key_jwt`` client authentication (RS384/ES384,
 ``jti`` replay refused), SMART Backend Services (client credentials), FHIR R4 reads, ``POST
 AuditEvent`` and Epic's ``SetExternalConnectionStatus``. Fault injection (``fail_next``,

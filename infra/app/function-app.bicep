@@ -1,5 +1,5 @@
 // The connector's Function App on the Flex Consumption plan (Linux, Python 3.11), running as a
-// user-assigned managed identity. App settings follow docs DESIGN.md section 4 exactly; storage
+// user-assigned managed identity. App settings follow docs/design.md section 4 exactly; storage
 // connections are identity-based and secrets are Key Vault references. With a subnet
 // (virtualNetworkSubnetId, privateNetworking in main.bicep) its outbound traffic, storage and Key
 // Vault included, goes through the VNet; inbound stays public (browsers, EHRs, Microsoft Graph).
@@ -187,7 +187,7 @@ var kvRef = 'VaultName=${vault.name}'
 // checkov evaluates its App Service checks on every Microsoft.Web/sites/config resource as if it
 // were the 'web' config; for this 'appsettings' resource the ones below do not apply.
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
-  //checkov:skip=CKV_AZURE_13:Not applicable to app settings. The app needs anonymous routes (EHR launches, Graph webhooks, JWKS) and validates Entra tokens itself (DESIGN.md section 5), so App Service Authentication stays off.
+  //checkov:skip=CKV_AZURE_13:Not applicable to app settings. The app needs anonymous routes (EHR launches, Graph webhooks, JWKS) and validates Entra tokens itself (docs/design.md section 5), so App Service Authentication stays off.
   //checkov:skip=CKV_AZURE_222:Not applicable to app settings; public access of the site is justified on the site resource (browsers, EHRs and Graph must reach it).
   //checkov:skip=CKV_AZURE_88:Not applicable: Azure Files is not used; Flex Consumption deploys from the blob container with the managed identity.
   //checkov:skip=CKV_AZURE_80:Not applicable: the app is Python 3.11, no .NET Framework.
@@ -197,7 +197,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: site
   name: 'appsettings'
   properties: {
-    // DESIGN.md section 4
+    // docs/design.md section 4
     CONNECTOR_REGION: region
     CONNECTOR_PUBLIC_URL: effectivePublicUrl
     CONNECTOR_STORAGE__tableServiceUri: storage.properties.primaryEndpoints.table

@@ -1,7 +1,7 @@
 """Project checks that checkov's built-in Bicep/ARM policies do not cover.
 
 Loaded by infra/check.sh with ``checkov --external-checks-dir infra/checkov``. Each check pins a
-setting the connector's security model relies on (DESIGN.md, issues 7 and 14): Entra-only
+setting the connector's security model relies on (docs/design.md, issues 7 and 14): Entra-only
 storage, no anonymous blobs, blob soft delete, Key Vault in RBAC mode, Application Insights
 without local keys, no basic-auth publishing, identity-based storage connections; public network
 access of storage and Key Vault off whenever ``privateNetworking`` is on, the Function App

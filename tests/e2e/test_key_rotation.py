@@ -1,5 +1,5 @@
 """CONNECTOR_SECRET_KEY rotation in the middle of a live visit, through the local host (issue 14,
-item 2; DESIGN.md section 4).
+item 2; docs/design.md section 4).
 
 * ``test_rotating_keys_mid_visit_keeps_the_visit_going``: a visit is live (clinician signed in
   once, meeting, subscription, patient in, write-backs landed). The connector restarts with

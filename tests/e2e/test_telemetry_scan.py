@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 APPOINTMENT = "appt-6b1e0d34"
 ADMIN = "admin@contosohealth.onmicrosoft.com"
 APPROVER = "ehr.analyst@contosohealth.onmicrosoft.com"
-# Query parameters whose values must never be logged (DESIGN.md: launch and sign-in callbacks).
+# Query parameters whose values must never be logged (docs/design.md: launch and sign-in callbacks).
 SECRET_PARAMETERS = {"code", "state", "launch", "iss", "session_state"}
 _ACCOUNT_LINK = re.compile(r'<a class="account[^"]*" data-upn="([^"]+)"[^>]*href="([^"]+)"')
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")

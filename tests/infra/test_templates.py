@@ -52,8 +52,10 @@ check_parse = _load_check_parse()
 
 
 def _design_settings() -> set[str]:
-    """Setting names of DESIGN.md section 4 (shared/ beside the repo), else the copy above."""
-    design = REPO_ROOT.parent / "shared" / "DESIGN.md"
+    """Setting names of the design's section 4 (shared/ beside the repo, else docs/design.md)."""
+    design = REPO_ROOT.parent / "shared" / "DESIGN.md"  # the live contract, where present
+    if not design.is_file():
+        design = REPO_ROOT / "docs" / "design.md"  # the repository's copy
     if not design.is_file():
         return set(DESIGN_SETTINGS)
     text = design.read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The configuration portal's web pages (DESIGN.md section 5, "Configuration portal").
+"""The configuration portal's web pages (docs/design.md section 5, "Configuration portal").
 
 A backend-for-frontend served by the Function App at ``/api/portal``: server-rendered HTML
 (Jinja2, autoescaped) over the same use cases as the JSON API (:mod:`connector_core.service.
