@@ -210,3 +210,30 @@ def running_stack(azurite: Azurite) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+def delete_configs_of(stack: Stack, base_url: str) -> None:
+    """Delete every tenant's configs whose FHIR base URL is on ``base_url`` (a test's own EHR)."""
+    container = stack.container()
+    for tenant in stack.sandbox.entra.tenants:
+        for versioned in container.configs.list(tenant):
+            if versioned.record.fhir_base_url.startswith(base_url):
+                container.configs.delete(tenant, versioned.record.id)
+
+
+@contextmanager
+def own_ehr(stack: Stack, name: str) -> Iterator[Any]:
+    """A sandbox EHR server of a test module's own (its FHIR base URLs are unique to it); its
+    configs are deleted when it stops."""
+    from devtools._serve import ServerThread
+    from devtools.sandbox.ehr import SandboxEhr
+
+    instance = SandboxEhr(
+        connector_url=stack.url,
+        smart_client_id=stack.sandbox.smart_client_id,
+        connector_jwks_url=f"{stack.api}/.well-known/jwks.json",
+    )
+    with ServerThread(instance.app, name=name) as server:
+        instance.set_base_url(server.url)
+        yield instance
+        delete_configs_of(stack, server.url)

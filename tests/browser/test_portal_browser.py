@@ -30,8 +30,7 @@ from devtools._serve import ServerThread
 from devtools.sandbox import seed
 from devtools.sandbox.ehr import SandboxEhr
 from tests.chromium import chromium_available, headless_chromium
-from tests.portal.conftest import delete_configs_of
-from tests.stack import Stack
+from tests.stack import Stack, delete_configs_of, own_ehr
 
 pytestmark = pytest.mark.browser
 
@@ -47,15 +46,8 @@ TIMEOUT = 30
 @pytest.fixture(scope="module")
 def ehr(stack: Stack) -> Iterator[SandboxEhr]:
     """An EHR server of this module's own: its FHIR base URLs are unique to these tests."""
-    instance = SandboxEhr(
-        connector_url=stack.url,
-        smart_client_id=stack.sandbox.smart_client_id,
-        connector_jwks_url=f"{stack.api}/.well-known/jwks.json",
-    )
-    with ServerThread(instance.app, name="portal-browser-ehr") as server:
-        instance.set_base_url(server.url)
+    with own_ehr(stack, "portal-browser-ehr") as instance:
         yield instance
-        delete_configs_of(stack, server.url)
 
 
 @pytest.fixture

@@ -11,31 +11,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from devtools._serve import ServerThread
 from devtools.sandbox.ehr import SandboxEhr
 from tests.portal.helpers import PortalUser
-from tests.stack import Stack
+from tests.stack import Stack, delete_configs_of, own_ehr
 
 
 @pytest.fixture(scope="module")
 def ehr(stack: Stack) -> Iterator[SandboxEhr]:
-    instance = SandboxEhr(
-        connector_url=stack.url,
-        smart_client_id=stack.sandbox.smart_client_id,
-        connector_jwks_url=f"{stack.api}/.well-known/jwks.json",
-    )
-    with ServerThread(instance.app, name="portal-pages-ehr") as server:
-        instance.set_base_url(server.url)
+    with own_ehr(stack, "portal-pages-ehr") as instance:
         yield instance
-        delete_configs_of(stack, server.url)
-
-
-def delete_configs_of(stack: Stack, base_url: str) -> None:
-    container = stack.container()
-    for tenant in stack.sandbox.entra.tenants:
-        for versioned in container.configs.list(tenant):
-            if versioned.record.fhir_base_url.startswith(base_url):
-                container.configs.delete(tenant, versioned.record.id)
 
 
 @pytest.fixture

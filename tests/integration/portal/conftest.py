@@ -13,9 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from devtools._serve import ServerThread
 from devtools.sandbox.ehr import SandboxEhr
-from tests.stack import Stack
+from tests.stack import Stack, delete_configs_of, own_ehr
 
 ADMIN = "admin@contosohealth.onmicrosoft.com"
 APPROVER = "ehr.analyst@contosohealth.onmicrosoft.com"
@@ -25,32 +24,17 @@ FAB_APPROVER = "ehr.analyst@fabrikamclinics.onmicrosoft.com"
 
 @pytest.fixture(scope="module")
 def ehr(stack: Stack) -> Iterator[SandboxEhr]:
-    instance = SandboxEhr(
-        connector_url=stack.url,
-        smart_client_id=stack.sandbox.smart_client_id,
-        connector_jwks_url=f"{stack.api}/.well-known/jwks.json",
-    )
-    with ServerThread(instance.app, name="portal-test-ehr") as server:
-        instance.set_base_url(server.url)
+    with own_ehr(stack, "portal-test-ehr") as instance:
         yield instance
-        _delete_configs_of(stack, server.url)
-
-
-def _delete_configs_of(stack: Stack, base_url: str) -> None:
-    container = stack.container()
-    for tenant in stack.sandbox.entra.tenants:
-        for versioned in container.configs.list(tenant):
-            if versioned.record.fhir_base_url.startswith(base_url):
-                container.configs.delete(tenant, versioned.record.id)
 
 
 @pytest.fixture
 def clean(stack: Stack, ehr: SandboxEhr) -> Iterator[None]:
     """No config for this module's EHR before or after the test."""
-    _delete_configs_of(stack, ehr.base_url)
+    delete_configs_of(stack, ehr.base_url)
     ehr.reset()
     yield
-    _delete_configs_of(stack, ehr.base_url)
+    delete_configs_of(stack, ehr.base_url)
     ehr.reset()
 
 
