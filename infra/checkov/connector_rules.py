@@ -6,7 +6,7 @@ for Bicep)::
     python infra/checkov/connector_rules.py DIR
 
 Each rule prints ``PASSED`` or ``FAILED`` with its id and what it found; exit status 1 if any
-rule failed. The rules (issue 14, item 3):
+rule failed. The rules:
 
 * CKV_CONNECTOR_R1: every storage data role (blob, queue, table) is assigned on a single table,
   queue or blob container, never on the account, a service or a resource group; and the app

@@ -6,7 +6,7 @@ in, signs in to the EHR, approves and copies the integration records (clipboard)
 launch built from the copied Epic record then reaches the meeting. Negative paths: a user
 without a role, a form posted from another site, an expired session, an invalid URL. Every
 portal page is checked with axe-core (npm, injected into the page) for WCAG 2.2 A/AA: no
-serious or critical violation. The admin's task is also done by keyboard alone. The README's
+serious or critical violation. The admin's task is also done by keyboard alone. docs/portal.md's
 screenshots (docs/screenshots/) are written by this run, so they never go stale.
 """
 

@@ -14,8 +14,8 @@ Flow (one module each)::
     GET /api/visits/{visitKey}/participants --> view: the participant rows, roles and times
 
 Delivery is at least once everywhere (Graph, the queue, our own retries): every step is
-idempotent. Storage layout: ``connector_core.repositories``. See README "Presence and EHR
-write-back" for the reasoning.
+idempotent. Storage layout: ``connector_core.repositories``. See docs/presence.md for the
+reasoning.
 """
 
 from __future__ import annotations
