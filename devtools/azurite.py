@@ -89,6 +89,7 @@ class Azurite:
         args = [
             str(exe),
             "--silent",
+            "--disableTelemetry",  # Azurite phones home by default; tests stay off the network
             "--skipApiVersionCheck",
             "--disableProductStyleUrl",
             "--blobHost",
