@@ -16,13 +16,17 @@ meet them too); the repositories keep every entity and batch inside them:
 * an entity-group transaction: one partition, at most ``MAX_BATCH_OPERATIONS`` (100) operations
   and ``MAX_BATCH_BYTES`` (4 MiB) of payload;
 * a query filter: at most ``MAX_FILTER_COMPARISONS`` (15) comparisons, so ``list_entities``
-  reads at most ``MAX_ROW_KEYS_PER_QUERY`` row keys per round trip.
+  reads at most ``MAX_ROW_KEYS_PER_QUERY`` row keys per round trip;
+* a query page: at most 1000 entities; ``scan_entities`` (timers only, never a request path)
+  reads at most ``MAX_SCAN_PAGES`` pages per call, so its work is bounded however large the
+  table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -32,7 +36,9 @@ __all__ = [
     "MAX_FILTER_COMPARISONS",
     "MAX_PROPERTIES",
     "MAX_PROPERTY_BYTES",
+    "MAX_QUERY_PAGE",
     "MAX_ROW_KEYS_PER_QUERY",
+    "MAX_SCAN_PAGES",
     "Entity",
     "EntityStore",
     "MessageQueue",
@@ -47,6 +53,8 @@ MAX_BATCH_OPERATIONS = 100
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 MAX_FILTER_COMPARISONS = 15
 MAX_ROW_KEYS_PER_QUERY = MAX_FILTER_COMPARISONS - 1  # one comparison names the partition
+MAX_QUERY_PAGE = 1000
+MAX_SCAN_PAGES = 20
 
 
 def property_bytes(value: Any) -> int:
@@ -112,6 +120,37 @@ class EntityStore(Protocol):
         all of them, or only those whose RowKey is one of ``row_keys`` (read
         ``MAX_ROW_KEYS_PER_QUERY`` at a time), starts with ``row_key_prefix``, or whose string
         properties equal ``where``."""
+        ...
+
+    def iter_entities(
+        self,
+        table: str,
+        *,
+        partition_key: str,
+        row_key_from: str = "",
+        row_key_to: str | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Entities of one partition with ``row_key_from <= RowKey < row_key_to`` (no upper
+        bound when None), in RowKey order, fetched ``page_size`` at a time as the caller
+        iterates: a long range is never held in memory at once (reports stream with it)."""
+        ...
+
+    def scan_entities(
+        self,
+        table: str,
+        *,
+        limit: int,
+        row_key: str | None = None,
+        written_before: datetime | None = None,
+        less_than: Mapping[str, str] | None = None,
+        start: str = "",
+    ) -> list[tuple[dict[str, Any], str]]:
+        """At most ``limit`` ``(entity, etag)`` pairs across partitions (a filtered scan, for
+        timers): whose RowKey is ``row_key``, last written (``Timestamp``) before
+        ``written_before``, and whose string properties sort before ``less_than``'s values.
+        In PartitionKey order from ``start``, wrapping around to the beginning (a random
+        ``start`` spreads runs over the table); at most ``MAX_SCAN_PAGES`` round trips."""
         ...
 
     def submit_transaction(self, table: str, ops: Sequence[TransactionOp]) -> list[str | None]:

@@ -18,7 +18,11 @@ vv{r}visits     visit key (HMAC)         ``visit``                         meeti
                                                                            call status
 vv{r}visits     visit key (HMAC)         ``p-{participant key}``           one participant: role,
                                                                            status, times
+vv{r}visits     visit key (HMAC)         ``p-patient-launch``              the patient's latest
+                                                                           arrival (time only)
 vv{r}visits     visit key (HMAC)         ``w-{write-back key}``            one write-back (ledger)
+vv{r}reports    ``{tenant}|{yyyy-mm}``   ``{yyyy-mm-dd}|{visit key}``      one visit's summary
+vv{r}reports    ``months``               ``{yyyy-mm}|{tenant}``            months holding summaries
 vv{r}subs       Graph subscription id    ``sub``                           subscription -> visit
 vv{r}subs       ``live-index``           Graph subscription id             subscriptions to renew
 vv{r}subs       ``pending-{id}``         ``sub``                           a subscription being
@@ -44,6 +48,34 @@ property (``Record``) beside a few small ones, so the Table Storage limits this 
 * 15 comparisons per query filter: reading a visit's rows by key asks for at most
   ``MAX_ROW_KEYS_PER_QUERY`` keys per round trip.
 
+Reports: a tenant's date range is one row-key range per month partition, read a page at a time
+(``EntityStore.iter_entities``), so a year of summaries is never in memory at once and no other
+tenant's rows are read; ``ReportRepository.delete_before`` finds old months through the
+``months`` index partition, without scanning the table. The patient's arrival (``p-patient-launch``,
+``connector_core.domain.waiting``) is a participant row: one upsert per launch, overwritten, so
+the partition never grows with launches; the presence worker copies its time onto the patient's
+own row at their first admission (the lobby wait's start, for reports).
+
+Retention (``connector_core.service.retention``, an hourly timer; rules in
+``connector_core.domain.retention``). The timer finds rows with ``EntityStore.scan_entities``:
+visit, mapping and subscription rows not written (``Timestamp``) for their period, nonces and
+portal sessions past ``ExpiresAt``; it deletes each under the ETag it read, so a row changed
+meanwhile stays and two timers delete it once:
+
+==============  ===========================================================================
+table           deleted
+==============  ===========================================================================
+vv{r}visits     the whole partition ``CONNECTOR_RETENTION_DAYS`` after the visit ended or
+                stopped being live (``VisitRepository.purge``, visit row last); a partition
+                with no visit row (a patient's arrival only) that long after the arrival
+                was last written (``abandoned``, ``purge_abandoned``)
+vv{r}subs       a record (and its index row) or pending record once expired; with its visit
+vv{r}nonces     past ``ExpiresAt``
+vv{r}usermaps   ``CONNECTOR_MAPPING_RETENTION_DAYS`` after ``last_used_at``
+vv{r}reports    ``CONNECTOR_REPORT_RETENTION_DAYS`` after the summary's day
+vv{r}configs    never by the timer: with the config (its history rows too)
+==============  ===========================================================================
+
 Region guard: every entity carries ``Region``; reading or writing a record of another region
 raises ``RegionMismatchError``, and tables are named per region.
 """
@@ -53,9 +85,9 @@ from __future__ import annotations
 import builtins
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
@@ -70,7 +102,14 @@ from connector_core.domain.models import (
     Visit,
 )
 from connector_core.domain.presence import ParticipantRecord, WritebackRecord, from_legacy
-from connector_core.errors import ConflictError, NotFoundError, RegionMismatchError
+from connector_core.domain.reports import VisitSummary
+from connector_core.domain.waiting import PATIENT_ARRIVAL_KEY
+from connector_core.errors import (
+    ConcurrencyConflictError,
+    ConflictError,
+    NotFoundError,
+    RegionMismatchError,
+)
 from connector_core.ports import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPERATIONS,
@@ -83,8 +122,10 @@ __all__ = [
     "HISTORY_IN_RECORD",
     "VISIT_ROW",
     "ConfigRepository",
+    "ExpiringRows",
     "MappingRepository",
     "NonceRepository",
+    "ReportRepository",
     "RowWrite",
     "SubscriptionRepository",
     "VisitRepository",
@@ -106,6 +147,25 @@ R = TypeVar("R", bound=BaseModel)
 
 def table_name(region: Region, kind: str) -> str:
     return f"vv{region.value}{kind}"
+
+
+def _stamp(at: datetime) -> str:
+    """A time as stored in ``ExpiresAt``: UTC ISO 8601, so strings sort as times."""
+    return at.astimezone(UTC).isoformat()
+
+
+def _delete_unchanged(
+    store: EntityStore, table: str, partition_key: str, row_key: str, etag: str
+) -> bool:
+    """Delete one row if it is as read (a one-operation batch answers 404 when the row is gone,
+    where a plain delete hides it): True when this call deleted it, False when someone changed
+    or deleted it meanwhile."""
+    entity = {"PartitionKey": partition_key, "RowKey": row_key}
+    try:
+        store.submit_transaction(table, [TransactionOp("delete", entity, etag=etag)])
+    except (ConcurrencyConflictError, NotFoundError):
+        return False
+    return True
 
 
 def _url_key(config: TenantConfig) -> str:
@@ -407,6 +467,24 @@ class MappingRepository(_SingleRowRepository[EhrUserMapping]):
     def delete(self, ehr_user_key: str) -> None:
         self._delete(ehr_user_key)
 
+    def stale(
+        self, *, written_before: datetime, limit: int, start: str = ""
+    ) -> builtins.list[Versioned[EhrUserMapping]]:
+        """Mappings not written since ``written_before`` (a launch rewrites a mapping it uses
+        at most once a day, so these are the long-unused ones; retention timer)."""
+        rows = self._store.scan_entities(
+            self._table,
+            limit=limit,
+            row_key=self.row_key,
+            written_before=written_before,
+            start=start,
+        )
+        return [Versioned[EhrUserMapping](record=self._codec.decode(e), etag=t) for e, t in rows]
+
+    def remove(self, ehr_user_key: str, *, etag: str) -> bool:
+        """Delete if unchanged since read (a launch that just used it wins)."""
+        return _delete_unchanged(self._store, self._table, ehr_user_key, self.row_key, etag)
+
 
 def participant_row(participant_key: str) -> str:
     return f"p-{participant_key}"
@@ -464,6 +542,72 @@ class VisitRepository(_SingleRowRepository[Visit]):
                 self._table, deletes[start : start + MAX_BATCH_OPERATIONS]
             )
 
+    def stale(
+        self, *, written_before: datetime, limit: int, start: str = ""
+    ) -> builtins.list[Versioned[Visit]]:
+        """Visit rows not written since ``written_before`` (retention timer candidates)."""
+        rows = self._store.scan_entities(
+            self._table, limit=limit, row_key=VISIT_ROW, written_before=written_before, start=start
+        )
+        return [Versioned[Visit](record=self._codec.decode(e), etag=t) for e, t in rows]
+
+    def purge(self, visit_key: str, *, etag: str) -> int | None:
+        """Delete the visit's partition if its visit row is still as read (``etag``). Returns
+        the rows deleted, or None when someone changed or removed the visit meanwhile.
+
+        The visit row goes in the last batch; each earlier batch (a visit with more than 99
+        rows) re-writes it under its ETag, so any other write to the visit stops the purge, two
+        timers racing delete it once, and a purge cut short leaves the visit row to be found
+        again (never orphaned participant or ledger rows)."""
+        rows = self._store.list_entities(self._table, partition_key=visit_key)
+        head = next(((e, t) for e, t in rows if e.get("RowKey") == VISIT_ROW), None)
+        if head is None or head[1] != etag:
+            return None
+        entity, current = head
+        children = [TransactionOp("delete", e) for e, _ in rows if e.get("RowKey") != VISIT_ROW]
+        room = MAX_BATCH_OPERATIONS - 1
+        try:
+            while len(children) > room:
+                guard = TransactionOp("update", entity, etag=current)
+                written = self._store.submit_transaction(self._table, [guard, *children[:room]])
+                current, children = str(written[0]), children[room:]
+            last = TransactionOp("delete", entity, etag=current)
+            self._store.submit_transaction(self._table, [last, *children])
+        except (ConcurrencyConflictError, NotFoundError):
+            return None
+        return len(rows)
+
+    def abandoned(
+        self, *, written_before: datetime, limit: int, start: str = ""
+    ) -> builtins.list[str]:
+        """Visit keys of patient arrival rows (``p-patient-launch``) not written since
+        ``written_before``: a patient's launch writes its arrival before (or beside) the visit
+        read, so a visit no clinician ever opened leaves a partition without a visit row
+        (retention timer candidates for ``purge_abandoned``, which skips any with one)."""
+        rows = self._store.scan_entities(
+            self._table,
+            limit=limit,
+            row_key=participant_row(PATIENT_ARRIVAL_KEY),
+            written_before=written_before,
+            start=start,
+        )
+        return [str(e["PartitionKey"]) for e, _ in rows]
+
+    def purge_abandoned(self, visit_key: str) -> int | None:
+        """Delete a partition that has no visit row (each row under the ETag it was read with).
+        None when it has a visit row (``purge`` decides then) or changed meanwhile."""
+        rows = self._store.list_entities(self._table, partition_key=visit_key)
+        if not rows or any(e.get("RowKey") == VISIT_ROW for e, _ in rows):
+            return None  # gone already (another timer), or a visit's own rule applies
+        deletes = [TransactionOp("delete", e, etag=t) for e, t in rows]
+        try:
+            for begin in range(0, len(deletes), MAX_BATCH_OPERATIONS):
+                batch = deletes[begin : begin + MAX_BATCH_OPERATIONS]
+                self._store.submit_transaction(self._table, batch)
+        except (ConcurrencyConflictError, NotFoundError):
+            return None
+        return len(rows)
+
     # --- rows -------------------------------------------------------------------------------
 
     def _decode(self, entity: dict[str, Any], etag: str, rows: VisitRows) -> None:
@@ -504,6 +648,25 @@ class VisitRepository(_SingleRowRepository[Visit]):
             ):
                 self._decode(entity, etag, rows)
         return rows
+
+    def record_patient_arrival(self, visit_key: str, record: ParticipantRecord) -> None:
+        """The patient's arrival row (``connector_core.domain.waiting``): one upsert, no read;
+        overwritten by the next arrival and purged with the visit (or, with no visit row, by
+        ``purge_abandoned``). It may precede the visit row."""
+        self._store.upsert_entity(
+            self._table,
+            self._participant.encode(record, visit_key, participant_row(record.participant_key)),
+        )
+
+    def arrival(self, visit_key: str) -> ParticipantRecord | None:
+        """The patient's arrival row as stored now, or None (one point read)."""
+        try:
+            entity, _ = self._store.get_entity(
+                self._table, visit_key, participant_row(PATIENT_ARRIVAL_KEY)
+            )
+        except NotFoundError:
+            return None
+        return self._participant.decode(entity)
 
     def participants(self, visit: Visit) -> list[ParticipantRecord]:
         """Every participant of the visit (the live view and reports read these rows)."""
@@ -642,6 +805,33 @@ class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
         rows = self._store.list_entities(self._table, partition_key=self._INDEX)
         return [str(row["RowKey"]) for row, _ in rows]
 
+    def stale(
+        self, *, written_before: datetime, limit: int, start: str = ""
+    ) -> builtins.list[tuple[str, Versioned[GraphSubscription]]]:
+        """``(partition key, record)`` of subscription and pending records not written since
+        ``written_before`` (renewal rewrites live ones; retention timer candidates)."""
+        rows = self._store.scan_entities(
+            self._table,
+            limit=limit,
+            row_key=self.row_key,
+            written_before=written_before,
+            start=start,
+        )
+        return [
+            (
+                str(e["PartitionKey"]),
+                Versioned[GraphSubscription](record=self._codec.decode(e), etag=t),
+            )
+            for e, t in rows
+        ]
+
+    def remove_stale(self, partition_key: str, *, etag: str) -> bool:
+        """Delete a record found by ``stale`` if unchanged (a renewal wins), and its index row."""
+        deleted = _delete_unchanged(self._store, self._table, partition_key, self.row_key, etag)
+        if deleted and not partition_key.startswith("pending-"):
+            self._store.delete_entity(self._table, self._INDEX, partition_key)
+        return deleted
+
 
 class WritebackRepository:
     """The presence write-back ledger (``domain.presence.WritebackRecord``): the ``w-`` rows of
@@ -680,13 +870,36 @@ class WritebackRepository:
         ]
 
 
-class NonceRepository:
+class ExpiringRows:
+    """Rows of one table that carry ``ExpiresAt`` (nonces, portal sessions): found and deleted
+    by the retention timer once it has passed."""
+
+    def __init__(self, store: EntityStore, *, table: str, row_key: str) -> None:
+        self._store = store
+        self._table = table
+        self._row_key = row_key
+
+    def expired(self, *, now: datetime, limit: int, start: str = "") -> list[tuple[str, str]]:
+        """``(partition key, etag)`` of rows whose ``ExpiresAt`` has passed."""
+        rows = self._store.scan_entities(
+            self._table,
+            limit=limit,
+            row_key=self._row_key,
+            less_than={"ExpiresAt": _stamp(now)},
+            start=start,
+        )
+        return [(str(e["PartitionKey"]), t) for e, t in rows]
+
+    def remove(self, partition_key: str, *, etag: str) -> bool:
+        return _delete_unchanged(self._store, self._table, partition_key, self._row_key, etag)
+
+
+class NonceRepository(ExpiringRows):
     """Marks single-use values (OAuth state ids) as consumed; a second use is a replay."""
 
     def __init__(self, store: EntityStore, *, region: Region) -> None:
-        self._store = store
+        super().__init__(store, table=table_name(region, "nonces"), row_key="used")
         self._region = region
-        self._table = table_name(region, "nonces")
 
     def consume(self, nonce: str, *, expires_at: datetime) -> None:
         """Raises ``ConflictError`` if the nonce was consumed before."""
@@ -697,6 +910,132 @@ class NonceRepository:
                 "RowKey": "used",
                 "Kind": "nonce",
                 "Region": self._region.value,
-                "ExpiresAt": expires_at.isoformat(),
+                "ExpiresAt": _stamp(expires_at),
             },
         )
+
+    def was_consumed(self, nonce: str) -> bool:
+        """Whether ``nonce`` was consumed: one read, for error messages only ("already used"
+        rather than "another browser"), never on a success path."""
+        try:
+            self._store.get_entity(self._table, nonce, "used")
+        except NotFoundError:
+            return False
+        return True
+
+
+class ReportRepository:
+    """Visit summaries for reports (``domain.reports.VisitSummary``), partitioned by tenant and
+    month, one row per visit keyed by its report day and visit key (module docstring)."""
+
+    _INDEX = "months"
+
+    def __init__(self, store: EntityStore, *, region: Region) -> None:
+        self._store = store
+        self._region = region
+        self._table = table_name(region, "reports")
+        self._codec = _Codec(VisitSummary, region, "summary")
+        self._indexed: set[str] = set()  # index rows this process wrote (one per tenant-month)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def partition(tenant_id: str, day: date) -> str:
+        return f"{tenant_id}|{day:%Y-%m}"
+
+    @staticmethod
+    def row_key(summary: VisitSummary) -> str:
+        return f"{summary.day.isoformat()}|{summary.visit_key}"
+
+    def put(self, summary: VisitSummary) -> None:
+        """Write (replace) the visit's summary: one write, plus one the first time this
+        process sees the tenant's month."""
+        index_key = f"{summary.day:%Y-%m}|{summary.tenant_id}"
+        if index_key not in self._indexed:
+            self._index(index_key)
+            with self._lock:
+                if len(self._indexed) > 10_000:  # bounded: forgetting only costs a rewrite
+                    self._indexed.clear()
+                self._indexed.add(index_key)
+        self._store.upsert_entity(
+            self._table,
+            self._codec.encode(
+                summary, self.partition(summary.tenant_id, summary.day), self.row_key(summary)
+            ),
+        )
+
+    def _index(self, index_key: str) -> None:
+        self._store.upsert_entity(
+            self._table,
+            {
+                "PartitionKey": self._INDEX,
+                "RowKey": index_key,
+                "Kind": "month",
+                "Region": self._region.value,
+            },
+        )
+
+    def put_many(self, summaries: Sequence[VisitSummary]) -> None:
+        """Seeding and benchmarks: each tenant-month's summaries in batches of 100."""
+        by_partition: dict[str, list[TransactionOp]] = {}
+        months: set[str] = set()
+        for summary in summaries:
+            pk = self.partition(summary.tenant_id, summary.day)
+            entity = self._codec.encode(summary, pk, self.row_key(summary))
+            by_partition.setdefault(pk, []).append(TransactionOp("upsert", entity))
+            months.add(f"{summary.day:%Y-%m}|{summary.tenant_id}")
+        for index_key in sorted(months):
+            self._index(index_key)
+        for ops in by_partition.values():
+            for start in range(0, len(ops), MAX_BATCH_OPERATIONS):
+                self._store.submit_transaction(
+                    self._table, ops[start : start + MAX_BATCH_OPERATIONS]
+                )
+
+    def iter_range(self, tenant_id: str, first: date, last: date) -> Iterator[VisitSummary]:
+        """The tenant's summaries of days ``first`` to ``last`` (inclusive), by day, read a page
+        at a time as the caller iterates."""
+        month = date(first.year, first.month, 1)
+        end = last + timedelta(days=1)
+        while month <= last:
+            for entity in self._store.iter_entities(
+                self._table,
+                partition_key=self.partition(tenant_id, month),
+                row_key_from=first.isoformat() if month <= first else "",
+                row_key_to=end.isoformat(),
+            ):
+                summary = self._codec.decode(entity)
+                if summary.tenant_id == tenant_id:  # the partition says so; never trust alone
+                    yield summary
+            month = (month + timedelta(days=32)).replace(day=1)
+
+    def delete_before(self, day: date) -> int:
+        """Delete every tenant's summaries of days before ``day`` (the retention purge calls
+        this with today minus ``CONNECTOR_REPORT_RETENTION_DAYS``). Returns how many."""
+        cutoff_month = f"{day:%Y-%m}"
+        deleted = 0
+        months = list(
+            self._store.iter_entities(
+                self._table, partition_key=self._INDEX, row_key_to=cutoff_month + "|~"
+            )
+        )
+        for index in months:
+            month, _, tenant_id = str(index["RowKey"]).partition("|")
+            pk = f"{tenant_id}|{month}"
+            batch: list[TransactionOp] = []
+            for entity in self._store.iter_entities(
+                self._table, partition_key=pk, row_key_to=day.isoformat()
+            ):  # deleted 100 at a time as the pages come: a month is never held at once
+                batch.append(
+                    TransactionOp("delete", {"PartitionKey": pk, "RowKey": entity["RowKey"]})
+                )
+                if len(batch) == MAX_BATCH_OPERATIONS:
+                    self._store.submit_transaction(self._table, batch)
+                    deleted, batch = deleted + len(batch), []
+            if batch:
+                self._store.submit_transaction(self._table, batch)
+                deleted += len(batch)
+            if month < cutoff_month:  # the whole month is gone
+                self._store.delete_entity(self._table, self._INDEX, str(index["RowKey"]))
+                with self._lock:
+                    self._indexed.discard(str(index["RowKey"]))
+        return deleted

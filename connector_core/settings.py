@@ -97,6 +97,14 @@ class Settings(BaseModel):
     retention_days: int = Field(
         default=7, ge=1, le=3650, validation_alias="CONNECTOR_RETENTION_DAYS"
     )
+    # EHR user -> Entra mappings unused this long are deleted (the clinician signs in again).
+    mapping_retention_days: int = Field(
+        default=365, ge=1, le=3650, validation_alias="CONNECTOR_MAPPING_RETENTION_DAYS"
+    )
+    # Visit summaries (reports) are kept this long, by their report day.
+    report_retention_days: int = Field(
+        default=400, ge=1, le=3650, validation_alias="CONNECTOR_REPORT_RETENTION_DAYS"
+    )
 
     @field_validator("allowed_tenants", mode="before")
     @classmethod

@@ -65,6 +65,11 @@ param ehrPrivateTargets string = ''
 @maxValue(3650)
 param retentionDays int = 7
 
+@description('Days an EHR user -> Entra mapping is kept after it was last used; then the clinician signs in once more (CONNECTOR_MAPPING_RETENTION_DAYS).')
+@minValue(1)
+@maxValue(3650)
+param mappingRetentionDays int = 365
+
 @description('Flex Consumption instance memory in MB.')
 @allowed([
   512
@@ -131,6 +136,7 @@ var connectorTableKinds = [
   'nonces'
   'keyring'
   'portalsessions'
+  'reports'
 ]
 var connectorTables = [for kind in connectorTableKinds: 'vv${region}${kind}']
 var connectorQueues = [
@@ -311,6 +317,7 @@ module functionApp 'app/function-app.bicep' = {
     allowedTenants: allowedTenants
     ehrPrivateTargets: ehrPrivateTargets
     retentionDays: retentionDays
+    mappingRetentionDays: mappingRetentionDays
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     identityId: identity.outputs.id

@@ -5,6 +5,8 @@ enforces Table Storage's limits (``connector_core.ports``: entity and property s
 count, operations and bytes per batch, comparisons per query) with the errors Azure answers, so
 code tested against it cannot quietly depend on more than the service allows. ``fail_next``
 makes the next calls fail with a given error (what a storage outage or refusal looks like).
+Every write stamps the entity's ``Timestamp`` (kept aside, as the SDK keeps it in metadata) from
+``clock``, so timers that look for rows written long ago can be tested with a fake clock.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import copy
 import threading
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from connector_core.errors import (
@@ -65,11 +68,17 @@ def _check_entity(entity: Entity) -> None:
         raise _rejected("EntityTooLarge", "an entity is at most 1 MiB")
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 class InMemoryEntityStore:
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], datetime] = _utcnow) -> None:
         self._tables: dict[str, dict[tuple[str, str], tuple[dict[str, Any], str]]] = defaultdict(
             dict
         )
+        self._written: dict[str, dict[tuple[str, str], datetime]] = defaultdict(dict)
+        self.clock = clock
         self._lock = threading.RLock()
         self._faults: list[tuple[frozenset[str], ConnectorError]] = []
         self.operations = 0  # counted like billable table operations (round trips)
@@ -111,6 +120,7 @@ class InMemoryEntityStore:
     def _put(self, table: str, entity: Entity) -> str:
         etag = f'W/"{uuid.uuid4().hex}"'
         self._tables[table][self._key(entity)] = (copy.deepcopy(dict(entity)), etag)
+        self._written[table][self._key(entity)] = self.clock()
         return etag
 
     def _check_create(self, table: str, entity: Entity) -> None:
@@ -166,6 +176,7 @@ class InMemoryEntityStore:
                 return
             self._check_etag(table, key, etag)
             del self._tables[table][key]
+            self._written[table].pop(key, None)
 
     def list_entities(
         self,
@@ -194,6 +205,63 @@ class InMemoryEntityStore:
                 if row_key_prefix and not rk.startswith(row_key_prefix):
                     continue
                 if where and any(entity.get(k) != v for k, v in where.items()):
+                    continue
+                found.append((copy.deepcopy(entity), etag))
+            return found
+
+    def iter_entities(
+        self,
+        table: str,
+        *,
+        partition_key: str,
+        row_key_from: str = "",
+        row_key_to: str | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        last: str | None = None
+        while True:  # a page per round trip, each read under the lock as Azure would
+            with self._lock:
+                self._enter("list_entities")
+                page = [
+                    copy.deepcopy(entity)
+                    for (pk, rk), (entity, _) in sorted(self._tables[table].items())
+                    if pk == partition_key
+                    and rk >= row_key_from
+                    and (last is None or rk > last)
+                    and (row_key_to is None or rk < row_key_to)
+                ][:page_size]
+            yield from page
+            if len(page) < page_size:
+                return
+            last = str(page[-1]["RowKey"])
+
+    def scan_entities(
+        self,
+        table: str,
+        *,
+        limit: int,
+        row_key: str | None = None,
+        written_before: datetime | None = None,
+        less_than: Mapping[str, str] | None = None,
+        start: str = "",
+    ) -> list[tuple[dict[str, Any], str]]:
+        with self._lock:
+            self._enter("scan_entities")
+            rows = sorted(self._tables[table].items())
+            # From ``start`` on, then the beginning up to it (as the Azure adapter's two queries).
+            ordered = [r for r in rows if r[0][0] >= start] + [r for r in rows if r[0][0] < start]
+            found: list[tuple[dict[str, Any], str]] = []
+            for key, (entity, etag) in ordered:
+                if len(found) >= limit:
+                    break
+                if row_key is not None and key[1] != row_key:
+                    continue
+                if written_before is not None and not self._written[table][key] < written_before:
+                    continue
+                if less_than and not all(
+                    isinstance(entity.get(name), str) and entity[name] < value
+                    for name, value in less_than.items()
+                ):
                     continue
                 found.append((copy.deepcopy(entity), etag))
             return found
@@ -229,6 +297,7 @@ class InMemoryEntityStore:
             for op in ops:
                 if op.kind == "delete":
                     self._tables[table].pop(self._key(op.entity), None)
+                    self._written[table].pop(self._key(op.entity), None)
                     etags.append(None)
                 else:
                     etags.append(self._put(table, op.entity))

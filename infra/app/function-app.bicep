@@ -25,6 +25,7 @@ param smartClientId string = ''
 param allowedTenants string = ''
 param ehrPrivateTargets string = ''
 param retentionDays int = 7
+param mappingRetentionDays int = 365
 
 @allowed([
   512
@@ -210,6 +211,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     CONNECTOR_ALLOWED_TENANTS: allowedTenants
     CONNECTOR_EHR_PRIVATE_TARGETS: ehrPrivateTargets
     CONNECTOR_RETENTION_DAYS: string(retentionDays)
+    CONNECTOR_MAPPING_RETENTION_DAYS: string(mappingRetentionDays)
     ENTRA_AUTHORITY_HOST: entraAuthorityHost
     ENTRA_CLIENT_ID: entraClientId
     ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(${kvRef};SecretName=entra-client-secret)'
