@@ -44,7 +44,7 @@ infra-check:
 test: lint typecheck pytest infra-check
 
 run: deps
-	$(PY) -m devtools.run --port $(PORT)
+	$(PY) -m devtools.run --port $(PORT) $(if $(filter-out 0,$(SEED_REPORTS)),--seed-reports)
 
 bench: deps
 	$(PY) -m devtools.bench

@@ -22,6 +22,7 @@ from connector_core.repositories import (
     ConfigRepository,
     MappingRepository,
     NonceRepository,
+    ReportRepository,
     SubscriptionRepository,
     VisitRepository,
     WritebackRepository,
@@ -59,6 +60,7 @@ class Container:
     visits: VisitRepository = field(init=False)
     nonces: NonceRepository = field(init=False)
     subscriptions: SubscriptionRepository = field(init=False)
+    reports: ReportRepository = field(init=False)
 
     def __post_init__(self) -> None:
         region = self.settings.region
@@ -67,6 +69,7 @@ class Container:
         self.visits = VisitRepository(self.store, region=region)
         self.nonces = NonceRepository(self.store, region=region)
         self.subscriptions = SubscriptionRepository(self.store, region=region)
+        self.reports = ReportRepository(self.store, region=region)
 
     @cached_property
     def http(self) -> httpx.Client:

@@ -7,12 +7,15 @@ Sections (each in its own local services; nothing leaves 127.0.0.1):
   peak RSS, as ratios; and that no heavy module (fhir.resources, msal, jwt, AES-GCM,
   azure.identity) is imported.
 * ``launch`` (``devtools/bench_launch.py``): connector-added ms of a clinician's launch on a warm
-  worker (p50/p95), table operations and outbound calls per launch, a cold first launch; once
+  worker (p50/p95), table operations and outbound calls per launch, a cold first launch, and the
+  patient's launch into the meeting (``browser: patient, ...``: at most 2 table operations); once
   driven like a browser through the local host over real HTTP (``browser: ...``: the browser's
   requests to the connector minus the stand-ins' own handler time), once in-process.
 * ``presence`` (``devtools/bench_presence.py``): webhook acknowledgement p50/p99/max under a
   burst of 200 notifications/s for 30 s, and the end-to-end delay until each write-back reaches
   the EHR, with lost/duplicated write-backs.
+* ``reports`` (``devtools/bench_reports.py``): ``GET /api/reports/visits`` of 10,000 visits
+  (Azurite, the local host over HTTP), JSON and CSV, p50 and max; budget < 2000 ms.
 
 Every figure has a budget; a figure its section reports without one gets the budget from
 ``BUDGETS`` below, so the whole table is held to budgets. A miss is marked ``MISS`` and makes
@@ -62,7 +65,7 @@ HEAVY_MODULES = (
     "cryptography.hazmat.primitives.ciphers.aead",
     "azure.identity",
 )
-SECTIONS = ("cold start", "launch", "presence")
+SECTIONS = ("cold start", "launch", "presence", "reports")
 
 
 @dataclass(frozen=True)
@@ -294,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     for section, module, function in (
         ("launch", "devtools.bench_launch", "run_launch_bench"),
         ("presence", "devtools.bench_presence", "run_presence_bench"),
+        ("reports", "devtools.bench_reports", "run_reports_bench"),
     ):
         if section not in wanted:
             continue

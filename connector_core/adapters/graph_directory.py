@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["DirectorySearch", "DirectoryUser", "search_expression"]
 
 MAX_RESULTS = 8
+MAX_IDS_PER_FILTER = 15  # Graph's limit on the values of an "in" filter
 MIN_QUERY = 2
 MAX_QUERY = 64
 _SELECT = "id,displayName,userPrincipalName,mail"
@@ -107,4 +108,41 @@ class DirectorySearch:
                     mail=mail if isinstance(mail, str) else None,
                 )
             )
+        return found
+
+    def names(self, token: str, object_ids: list[str]) -> dict[str, str]:
+        """Display names of users by object id (``$filter=id in (...)``, 15 per request), for
+        showing in the reports page at request time; never stored. Unknown ids are left out;
+        a refused or failed lookup raises ``GraphError`` (the page then shows the ids)."""
+        import httpx
+
+        wanted = [o for o in dict.fromkeys(object_ids) if re.fullmatch(r"[0-9a-fA-F-]{36}", o)]
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), MAX_IDS_PER_FILTER):
+            chunk = wanted[start : start + MAX_IDS_PER_FILTER]
+            values = ",".join(f"'{o}'" for o in chunk)
+            try:
+                response = self._http.get(
+                    f"{self._base}/v1.0/users",
+                    params={"$filter": f"id in ({values})", "$select": "id,displayName"},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+            except httpx.HTTPError:
+                raise GraphError(
+                    "Microsoft Graph could not be reached.", reason="unreachable"
+                ) from None
+            if response.status_code != 200:
+                log_event(_log, "graph.directory_names_failed", status=response.status_code)
+                raise GraphError(
+                    f"Microsoft Graph answered with HTTP {response.status_code}.", reason="failed"
+                )
+            try:
+                items = response.json().get("value")
+            except (ValueError, AttributeError):
+                items = None
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict):
+                    oid, name = item.get("id"), item.get("displayName")
+                    if isinstance(oid, str) and isinstance(name, str) and name:
+                        found[oid.lower()] = name
         return found

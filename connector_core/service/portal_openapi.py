@@ -62,6 +62,60 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(model=name)}
 
 
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_STRING_OR_NULL = {"type": ["string", "null"]}
+_VISIT_REPORT: dict[str, Any] = {
+    "type": "object",
+    "required": ["from", "to", "generatedAt", "summary", "visits"],
+    "properties": {
+        "from": {"type": "string", "format": "date"},
+        "to": {"type": "string", "format": "date"},
+        "generatedAt": {"type": "string", "format": "date-time"},
+        "summary": {
+            "type": "object",
+            "required": [
+                "visits",
+                "completed",
+                "noShows",
+                "medianLobbyWaitSeconds",
+                "medianDurationSeconds",
+                "totalDurationSeconds",
+            ],
+            "properties": {
+                "visits": {"type": "integer"},
+                "completed": {"type": "integer"},
+                "noShows": {"type": "integer"},
+                "medianLobbyWaitSeconds": _NUMBER_OR_NULL,
+                "medianDurationSeconds": _NUMBER_OR_NULL,
+                "totalDurationSeconds": {"type": "integer"},
+            },
+        },
+        "visits": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["visitKey", "configId", "status"],
+                "properties": {
+                    "visitKey": {"type": "string"},
+                    "configId": {"type": "string"},
+                    "environment": {"enum": ["test", "production", None]},
+                    "departmentId": _STRING_OR_NULL,
+                    "scheduledStart": {"type": "string", "format": "date-time"},
+                    "startedAt": _STRING_OR_NULL,
+                    "endedAt": _STRING_OR_NULL,
+                    "durationSeconds": _NUMBER_OR_NULL,
+                    "lobbyWaitSeconds": _NUMBER_OR_NULL,
+                    "attendants": {"type": "integer"},
+                    "staffCount": {"type": "integer"},
+                    "guestCount": {"type": "integer"},
+                    "organizerOid": _STRING_OR_NULL,
+                    "status": {"enum": ["completed", "no_show", "in_progress"]},
+                },
+            },
+        },
+    },
+}
+
 _ID_PARAM = {
     "name": "id",
     "in": "path",
@@ -197,6 +251,56 @@ def _paths() -> dict[str, Any]:
                         "description": "An HTML page saying what went wrong and what to do",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
+                },
+            },
+        },
+        "/reports/visits": {
+            "get": {
+                "operationId": "getVisitReport",
+                "summary": "Usage report of the caller's tenant (Connector.Admin or "
+                "Connector.Auditor): totals, medians and one row per visit; JSON or RFC 4180 CSV",
+                "parameters": [
+                    *(
+                        {
+                            "name": n,
+                            "in": "query",
+                            "required": True,
+                            "description": "UTC date, inclusive; at most 366 days in all",
+                            "schema": {"type": "string", "format": "date"},
+                        }
+                        for n in ("from", "to")
+                    ),
+                    {
+                        "name": "configId",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9-]{1,64}$"},
+                    },
+                    {
+                        "name": "departmentId",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "string",
+                            "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$",
+                        },
+                    },
+                    {
+                        "name": "format",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string", "enum": ["json", "csv"]},
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The report (docs/reports.md)",
+                        "content": {
+                            "application/json": {"schema": _VISIT_REPORT},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    },
+                    **_problems(400, 403, 401, 503),
                 },
             },
         },

@@ -52,10 +52,12 @@ from connector_core.domain.presence import (
     transitions_of,
     writeback_key,
 )
+from connector_core.domain.waiting import PATIENT_ARRIVAL_KEY, first_admitted, lobby_start
 from connector_core.errors import (
     ConcurrencyConflictError,
     ConflictError,
     ConnectorError,
+    NotFoundError,
     StorageRejectedError,
     StorageUnavailableError,
 )
@@ -190,9 +192,12 @@ def process_message(container: Container, body: str, *, dequeue_count: int = 1) 
         poison_body(container, body, reason="malformed", detail="Not a presence-events message.")
         return
     by_visit: dict[str, list[PresenceMessage]] = {}
+    summaries: set[str] = set()
     failures: list[ConnectorError] = []
     for message in messages:
-        if message.kind == "lifecycle":
+        if message.kind == "summary":
+            summaries.add(message.visit_key)
+        elif message.kind == "lifecycle":
             try:
                 process_lifecycle(container, message)
             except StorageRejectedError as error:
@@ -234,9 +239,31 @@ def process_message(container: Container, body: str, *, dequeue_count: int = 1) 
                 dequeue_count=dequeue_count,
             )
             failures.append(error)
+    for visit_key in summaries:
+        _refresh_summary(container, visit_key)
     if failures:
         # The host retries the whole message; visits already done find nothing left to do.
         raise failures[0]
+
+
+def _refresh_summary(container: Container, visit_key: str) -> None:
+    from connector_core.service.reports import refresh_summary
+
+    container.presence.summary_due.forget(visit_key)  # a commit from now on asks again
+    try:
+        visit = container.visits.get(visit_key).record
+    except NotFoundError:
+        return  # purged meanwhile
+    except ConnectorError as error:
+        log_event(
+            _log,
+            "reports.summary_failed",
+            level=logging.WARNING,
+            visit_key=visit_key,
+            error=type(error).__name__,
+        )
+        return
+    refresh_summary(container, visit)
 
 
 # --- one visit's events ---------------------------------------------------------------------------
@@ -267,6 +294,11 @@ class _Skipped:
 
 
 Outcome = Result | _Skipped
+
+
+def _stored(rows: VisitRows, participant_key: str) -> ParticipantRecord | None:
+    found = rows.participants.get(participant_key)
+    return found.record if found is not None else None
 
 
 class VisitBatch:
@@ -300,6 +332,10 @@ class VisitBatch:
         # In event-time order (Graph may reorder; the fold is order-independent, the EHR calls
         # follow the meeting's own order).
         self.events = sorted(events, key=lambda pair: (pair[1].at, pair[0].id))
+        # A batch that connects someone may admit a patient for the first time: its read also
+        # asks for the patient's arrival row (same round trip), where their lobby wait began.
+        self._joins = any(event.joined for _, event in self.events)
+        self._arrival_read = False  # the latest read of storage asked for the arrival row
 
     # --- read and fold -------------------------------------------------------------------------
 
@@ -414,6 +450,27 @@ class VisitBatch:
         plan.state += [RowWrite(p, etag=etags.get(k)) for k, p in changed.items()]
         return plan
 
+    def _lobby_starts(self, plan: _Plan, rows: VisitRows) -> None:
+        """A patient admitted for the first time gets the patient's arrival (their launch or
+        waiting page) as the start of their lobby wait, on their own row (``domain.waiting``):
+        the arrival row is overwritten by a relaunch, the patient's row keeps the figure."""
+        admitted = [
+            index
+            for index, write in enumerate(plan.state)
+            if isinstance(write.record, ParticipantRecord)
+            and first_admitted(_stored(rows, write.record.participant_key), write.record)
+        ]
+        if not admitted:
+            return
+        found = rows.participants.get(PATIENT_ARRIVAL_KEY)
+        arrival = found.record if found is not None else None
+        if arrival is None and not self._arrival_read:
+            arrival = self.container.visits.arrival(self.visit_key)  # rows came from the cache
+        for index in admitted:
+            write = plan.state[index]
+            assert isinstance(write.record, ParticipantRecord)
+            plan.state[index] = RowWrite(lobby_start(write.record, arrival), etag=write.etag)
+
     def _applied(self) -> None:
         for message, event in self.events:
             log_event(
@@ -440,17 +497,20 @@ class VisitBatch:
             and kept.rows.visit is not None
             and time.monotonic() - kept.visit_seen_at < self.options.visit_rows_seconds
         ):
+            self._arrival_read = False
             return VisitRows(
                 visit=kept.rows.visit,
                 participants={k: v for k, v in kept.rows.participants.items() if k in participants},
                 writebacks={k: v for k, v in kept.rows.writebacks.items() if k in writebacks},
             )
+        asked = participants | {PATIENT_ARRIVAL_KEY} if self._joins else participants
         rows = self.container.visits.read(
             self.visit_key,
-            participants=participants,
+            participants=asked,
             writebacks=writebacks,
             all_participants=everyone,
         )
+        self._arrival_read = self._joins or everyone
         if rows.visit is not None:
             self._keep(rows, visit_seen=True)
         return rows
@@ -517,6 +577,7 @@ class VisitBatch:
                 session = WritebackSession(self.container, rows.visit.record)
             conditional = session.conditional() if writebacks else True
             plan = self._plan(rows, self.container.clock(), leased=not conditional)
+            self._lobby_starts(plan, rows)
             if conditional:
                 results = self._call_ehr(plan, session, known=known)
                 self.ehr_calls = session.calls
@@ -539,6 +600,7 @@ class VisitBatch:
                 self._keep_written(writes, etags)
                 self._applied()
                 self._follow_up(plan, results, recorded=True)
+                self._summarize(plan)
                 return
             writes = plan.state + [RowWrite(c.record, etag=c.stored_etag) for c in plan.claims]
             try:
@@ -554,8 +616,37 @@ class VisitBatch:
             results = self._call_ehr(plan, session, known={})
             self.ehr_calls = session.calls
             self._follow_up(plan, results, recorded=self._record(plan, results))
+            self._summarize(plan)
             return
         raise ConcurrencyConflictError("The visit changed too often to update; retrying later.")
+
+    def _summarize(self, plan: _Plan) -> None:
+        """Schedule the visit's report summary (nothing to do when the batch changed no row).
+        A ``summary`` message runs ``summary_delay_seconds`` later and reads the rows as then
+        committed, so the batches of those seconds share one refresh; a batch that commits
+        while one is due needs none of its own (the refresh runs after this commit)."""
+        if not plan.state:
+            return
+        runtime = self.container.presence
+        delay = runtime.options.summary_delay_seconds
+        due = runtime.summary_due.get(self.visit_key)
+        if due is not None and due > time.monotonic() + 0.5:
+            return
+        message = PresenceMessage(
+            kind="summary", id=uuid.uuid4().hex, subscription_id="", visit_key=self.visit_key
+        )
+        try:
+            self._send([message], delay=delay)
+        except ConnectorError as error:  # the visit's next batch asks again
+            log_event(
+                _log,
+                "reports.summary_not_scheduled",
+                level=logging.WARNING,
+                visit_key=self.visit_key,
+                error=type(error).__name__,
+            )
+            return
+        runtime.summary_due.put(self.visit_key, time.monotonic() + delay, ttl=delay)
 
     # --- the EHR -------------------------------------------------------------------------------
 

@@ -46,7 +46,9 @@ class PresenceMessage(_Frozen):
     """What the webhook puts on ``presence-events``: keys, times and roles only."""
 
     v: Literal[1] = 1
-    kind: Literal["call", "lifecycle"]
+    # "summary": refresh the visit's report summary (connector_core.service.reports), sent by
+    # the worker itself a few seconds after it commits a visit's events (no event, no ids).
+    kind: Literal["call", "lifecycle", "summary"]
     id: str  # for logs and tracing (a fresh uuid per notification item)
     subscription_id: str
     visit_key: str

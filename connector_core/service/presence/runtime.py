@@ -107,6 +107,9 @@ class PresenceOptions:
     kept_rows_seconds: float = 300.0
     max_cached_visits: int = 2_000
     max_kept_writebacks: int = 512
+    # A visit's report summary is refreshed this long after a batch of its events commits; the
+    # batches of those seconds share one refresh (service.reports, folding.VisitBatch).
+    summary_delay_seconds: int = 5
     # Renew a live visit's subscription when it has less than this left, to this lifetime
     # (Graph allows meeting call event subscriptions 4230 minutes at most).
     renew_before: timedelta = timedelta(hours=1)
@@ -154,12 +157,15 @@ class PresenceRuntime:
     unknown: BoundedLru[str, bool] = field(init=False)
     visit_facts: BoundedLru[str, VisitFacts] = field(init=False)
     visit_rows: BoundedLru[str, KeptRows] = field(init=False)
+    # Visits whose summary refresh is on the queue, with when it runs (time.monotonic).
+    summary_due: BoundedLru[str, float] = field(init=False)
 
     def __post_init__(self) -> None:
         self.known = BoundedLru(max_items=self.options.max_known_subscriptions)
         self.unknown = BoundedLru(max_items=self.options.max_unknown_subscriptions)
         self.visit_facts = BoundedLru(max_items=20_000)
         self.visit_rows = BoundedLru(max_items=self.options.max_cached_visits)
+        self.summary_due = BoundedLru(max_items=self.options.max_cached_visits)
 
     def remember(self, subscription_id: str, info: SubscriptionInfo) -> None:
         self.unknown.forget(subscription_id)
