@@ -27,13 +27,16 @@ Only the bench thread's operations count (the host's threads serve the stand-ins
 
 Both count table operations (the same ops as billing) through a wrapper of the container's table
 store, and outbound calls per kind. Scenario, per measured launch: a repeat clinician (mapped)
-launches a new visit on a warm worker, then launches it again (the meeting exists).
+launches a new visit on a warm worker, then launches it again (the meeting exists); like a
+browser, the visit's patient then launches it too (another browser; the meeting exists and this
+worker has seen it: ``browser: patient, ...``).
 ``run_launch_bench`` prints nothing; ``devtools/bench.py`` prints its figures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import http.cookiejar
 import os
 import statistics
@@ -203,9 +206,10 @@ def _patched_requests(meter: _Meter, names: dict[str, str]) -> Iterator[None]:
     original = requests.Session.send
 
     def send(self: requests.Session, request: Any, **kwargs: Any) -> Any:
-        kind = _classify(names, str(request.url))
-        if not meter.mine() or kind.startswith("other"):
-            # the Azure SDK speaks requests too: storage is timed by the storage wrappers
+        # The Azure SDK speaks requests too (storage is timed by the storage wrappers): this
+        # runs inside every storage operation, so it looks at the URL only when armed.
+        kind = _classify(names, str(request.url)) if meter.mine() else "other"
+        if kind.startswith("other"):
             return original(self, request, **kwargs)
         started = time.perf_counter()
         try:
@@ -426,7 +430,12 @@ def connector_share(wall_s: float, spent: ClockReading) -> tuple[float, float]:
 
 
 def _browser_launch(
-    *, browser: _Browser, clock: HandlerClock, meter: _Meter, launch_url: str, graph_url: str
+    *,
+    browser: _Browser,
+    clock: HandlerClock,
+    meter: _Meter,
+    launch_url: str,
+    landings: tuple[str, ...],
 ) -> _Launch:
     meter.reset()
     wall_s = added_s = stand_ins_s = 0.0
@@ -453,8 +462,10 @@ def _browser_launch(
     at_ehr = browser.get(first.headers["location"])  # the EHR's authorize: not the connector's
     assert at_ehr.status_code == 302, at_ehr.text[:300]
     done = to_connector(at_ehr.headers["location"])
+    # The connector's last answer: a redirect to the clinician's visit page or straight into
+    # the meeting (the config's landing); what the browser loads next is not the launch's.
     assert done.status_code == 302, done.text[:500]
-    assert done.headers["location"].startswith(graph_url), done.headers["location"]
+    assert done.headers["location"].startswith(landings), done.headers["location"]
     return _Launch(
         total_ms=wall_s * 1000,
         added_ms=added_s * 1000,
@@ -562,7 +573,10 @@ def _in_process_figures(
 
 
 def browser_figures(
-    first: _Launch, new_visits: list[_Launch], repeats: list[_Launch]
+    first: _Launch,
+    new_visits: list[_Launch],
+    repeats: list[_Launch],
+    patients: Sequence[_Launch] = (),
 ) -> list[dict[str, Any]]:
     """The ``browser: ...`` figures of launches driven through the host like a browser."""
     added = [run.added_ms for run in new_visits]
@@ -604,10 +618,37 @@ def browser_figures(
         ),
         _at_most("browser: meeting exists connector-added p95", _p95(repeat_added), "ms", 10),
         _figure("browser: first launch of a worker, added", first.added_ms, "ms", "-", True),
+        *(_patient_figures(patients) if patients else []),
     ]
 
 
-def _raw(first: _Launch, new_visits: list[_Launch], repeats: list[_Launch]) -> dict[str, Any]:
+def _patient_figures(patients: Sequence[_Launch]) -> list[dict[str, Any]]:
+    """The patient's launch into a meeting this worker has seen: state nonce and arrival."""
+    added = [run.added_ms for run in patients]
+    return [
+        _figure(
+            "browser: patient, meeting exists connector-added p50",
+            statistics.median(added),
+            "ms",
+            "-",
+            True,
+        ),
+        _at_most("browser: patient, meeting exists connector-added p95", _p95(added), "ms", 10),
+        _at_most(
+            "browser: patient, meeting exists table operations",
+            max(run.table_ops for run in patients),
+            "count",
+            2,
+        ),
+    ]
+
+
+def _raw(
+    first: _Launch,
+    new_visits: list[_Launch],
+    repeats: list[_Launch],
+    patients: list[_Launch],
+) -> dict[str, Any]:
     def per(runs: list[_Launch]) -> dict[str, Any]:
         return {
             "added_ms": [round(r.added_ms, 2) for r in runs],
@@ -638,6 +679,7 @@ def _raw(first: _Launch, new_visits: list[_Launch], repeats: list[_Launch]) -> d
         },
         "new_visit": per(new_visits),
         "meeting_exists": per(repeats),
+        "patient_meeting_exists": per(patients) if patients else {},
     }
 
 
@@ -661,7 +703,9 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
     from devtools.sandbox import Sandbox
     from devtools.seed_config import add_approved_config
 
-    count = iterations or (10 if quick else 40)
+    # 100 launches a scenario: a p95 of 40 was the third slowest, which any passing stall of the
+    # machine decided alone.
+    count = iterations or (10 if quick else 100)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with contextlib.ExitStack() as stack:
@@ -735,41 +779,63 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
             )
         )
 
-        def launch_url(appointment_id: str) -> str:
+        def launch_url(appointment_id: str, user: str = "clinician") -> str:
             return sandbox.ehr.launch_url(
-                config.id, appointment_id=appointment_id, user="clinician"
+                config.id,
+                appointment_id=appointment_id,
+                user="patient" if user == "patient" else "clinician",
             )
 
         def scenario(
-            launch: Callable[[str], _Launch], ids: list[str]
-        ) -> tuple[_Launch, list[_Launch], list[_Launch]]:
+            launch: Callable[[str], _Launch],
+            ids: list[str],
+            patient: Callable[[str], _Launch] | None = None,
+        ) -> tuple[_Launch, list[_Launch], list[_Launch], list[_Launch]]:
             first = launch(ids[0])  # a new worker's first launch: every cache cold
             new_visits: list[_Launch] = []
             repeats: list[_Launch] = []
+            patients: list[_Launch] = []
             for appointment_id in ids[1:]:
                 new_visits.append(launch(appointment_id))
                 repeats.append(launch(appointment_id))
-            return first, new_visits, repeats
+                if patient is not None:
+                    patients.append(patient(appointment_id))
+            return first, new_visits, repeats, patients
+
+        # The bench's own objects (sandbox, seeds, clients, this harness) are no worker's: frozen
+        # with what is loaded so far, as function_app.py freezes what indexing loaded, so the
+        # collector's full passes during the launches scan what a worker's would.
+        gc.freeze()
+        stack.callback(gc.unfreeze)
 
         # Like a browser, through the host; first, so its first launch pays first imports too.
         browser = _Browser()
         stack.callback(browser.close)
-        b_first, b_new, b_repeat = scenario(
+        patient_browser = _Browser()  # the patient's own (MyChart's) browser
+        stack.callback(patient_browser.close)
+        b_first, b_new, b_repeat, b_patients = scenario(
             lambda appointment_id: _browser_launch(
                 browser=browser,
                 clock=sandbox.timing,
                 meter=browser_meter,
                 launch_url=launch_url(appointment_id),
-                graph_url=sandbox.graph_url,
+                landings=(sandbox.graph_url, f"{url}/api/visits/"),
             ),
             appointments[: count + 1],
+            patient=lambda appointment_id: _browser_launch(
+                browser=patient_browser,
+                clock=sandbox.timing,
+                meter=browser_meter,
+                launch_url=launch_url(appointment_id, "patient"),
+                landings=(sandbox.graph_url,),  # the meeting's guest join link
+            ),
         )
 
         # In-process, on another fresh worker (caches cold again; modules already imported).
         worker(in_process_meter)
         hop = stack.enter_context(httpx.Client(follow_redirects=False, timeout=30))
         api = f"{url}/api"
-        cold, new_visits, repeats = scenario(
+        cold, new_visits, repeats, _ = scenario(
             lambda appointment_id: _one_launch(
                 meter=in_process_meter,
                 api=api,
@@ -781,7 +847,7 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
         )
 
     figures = _in_process_figures(cold, new_visits, repeats) + browser_figures(
-        b_first, b_new, b_repeat
+        b_first, b_new, b_repeat, b_patients
     )
     return {
         "figures": figures,
@@ -795,5 +861,5 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
             "new_visit_calls": dict(new_visits[0].calls),
             "repeat_calls": dict(repeats[0].calls),
         },
-        "browser": _raw(b_first, b_new, b_repeat),
+        "browser": _raw(b_first, b_new, b_repeat, b_patients),
     }

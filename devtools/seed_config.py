@@ -10,7 +10,13 @@ from __future__ import annotations
 import uuid
 
 from connector_core.bootstrap import Container
-from connector_core.domain.models import EhrVendor, Environment, TenantConfig, utcnow
+from connector_core.domain.models import (
+    EhrVendor,
+    Environment,
+    ProviderLanding,
+    TenantConfig,
+    utcnow,
+)
 
 __all__ = ["SANDBOX_APPROVER", "add_approved_config"]
 
@@ -27,12 +33,16 @@ def add_approved_config(
     approver: str = SANDBOX_APPROVER,
     created_by: str = "devtools",
     endpoint_hosts: tuple[str, ...] | None = None,
+    provider_landing: ProviderLanding = ProviderLanding.MEETING,
+    config_id: str | None = None,
 ) -> TenantConfig:
     """Create the config, record the approver's EHR sign-in and approve it, as the portal would.
 
     The URL is checked like the portal checks it (``FhirProbe``), which also records the
     allowance for the EHR's endpoints on other hosts; pass ``endpoint_hosts`` to skip that for
-    an EHR that is not running.
+    an EHR that is not running. ``provider_landing``: straight into the meeting unless asked
+    (the tests and benches written before the visit page expect that; ``make run`` asks for it).
+    ``config_id``: a fixed id (``make run`` keeps its ids across runs); random by default.
     """
     from connector_core.service.configs import endpoint_allowance
 
@@ -41,7 +51,7 @@ def add_approved_config(
         fhir_base_url, endpoint_hosts = report.fhir_base_url, endpoint_allowance(report)
     now = utcnow()
     config = TenantConfig(
-        id=uuid.uuid4().hex,
+        id=config_id or uuid.uuid4().hex,
         tenant_id=tenant_id,
         region=container.settings.region,
         fhir_base_url=fhir_base_url,
@@ -49,6 +59,7 @@ def add_approved_config(
         approver_upn=approver,
         environment=environment,
         ehr_vendor=vendor,
+        provider_landing=provider_landing,
         created_at=now,
         created_by=created_by,
         updated_at=now,

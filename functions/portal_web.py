@@ -14,6 +14,7 @@ GET  /api/portal/configs/{id}/edit        GET, POST /api/portal/configs/{id}/del
 GET  /api/portal/configs/{id}/history
 POST /api/portal/configs/{id}/ehr-signin  POST /api/portal/configs/{id}/approve
 POST /api/portal/directory                (the approver picker's search; JSON)
+GET  /api/portal/reports                  usage reports; /api/portal/reports/export (CSV)
 GET  /api/portal/static/{name}            CSS and scripts
 """
 
@@ -170,6 +171,16 @@ def portal_config_approve(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="portal/directory", methods=["POST"], auth_level=_ANON)
 def portal_directory(req: func.HttpRequest) -> func.HttpResponse:
     return _serve(req, "directory_search")
+
+
+@bp.route(route="portal/reports", methods=["GET"], auth_level=_ANON)
+def portal_reports(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(req, "reports")
+
+
+@bp.route(route="portal/reports/export", methods=["GET"], auth_level=_ANON)
+def portal_reports_export(req: func.HttpRequest) -> func.HttpResponse:
+    return _serve(req, "reports_export")
 
 
 @bp.route(route="portal/static/{name}", methods=["GET"], auth_level=_ANON)

@@ -1,29 +1,51 @@
-"""The clinician's live view: ``GET /api/visits/{visitKey}/participants``.
+"""The clinician's visit page and live view (docs/visit-page.md).
 
-JSON by default; HTML (a small page that refreshes itself) with ``?format=html`` or when the
-browser asks for ``text/html``. Only the visit's clinician: an Entra access token
-(``Authorization: Bearer``) whose ``oid`` is the meeting organizer's, or the ``__Host-vv-visit``
-cookie the provider launch sets.
+GET /api/visits/{visitKey}                 the visit page (HTML): opens the meeting, who is here
+GET /api/visits/{visitKey}/events          its event stream (text/event-stream, bounded; see below)
+GET /api/visits/{visitKey}/participants    the live view: JSON by default; HTML (a small page that
+                                           refreshes itself) with ``?format=html`` or ``Accept``
+
+Only the visit's clinician: an Entra access token (``Authorization: Bearer``) whose ``oid`` is
+the meeting organizer's (same tenant), or the ``__Host-vv-visit`` cookie the provider launch
+sets. Errors: the friendly HTML page for the visit page, problem+json for the others.
+
+The event stream is the "equivalent" of server-sent events that a Functions HTTP response can
+carry (a whole body, no streaming): it answers as soon as the view differs from the
+``Last-Event-ID`` the browser sends (or after ``STREAM_SECONDS`` with a comment), with
+``retry:`` set, and the browser's EventSource reconnects. It is an async function that sleeps
+between reads, so a waiting stream holds no worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
+import json
 import re
+import secrets
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
-from connector_core.errors import AuthenticationError, NotFoundError
-from functions._http import api, browser, container, json_response
+from connector_core.errors import ConnectorError
+from connector_core.logs import use_correlation_id
+from functions._http import (
+    api,
+    browser,
+    container,
+    json_response,
+    problem_response,
+    request_correlation_id,
+)
 
 if TYPE_CHECKING:
     from connector_core.domain.models import Visit
 
 bp = func.Blueprint()
 
-_VISIT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+_EVENT_ID = re.compile(r"^[0-9a-f]{16}$")
 REFRESH_SECONDS = 5
 _ROLE_LABELS = {"clinician": "Clinician (you)", "patient": "Patient / guest", "staff": "Staff"}
 
@@ -42,21 +64,15 @@ def _bearer(req: func.HttpRequest) -> str | None:
 
 
 def _authorized_visit(req: func.HttpRequest) -> Visit:
-    from connector_core.service.presence import VISIT_COOKIE, authorize_viewer
+    from connector_core.service.presence import VISIT_COOKIE
+    from connector_core.service.visit_page import authorized_visit
 
-    root = container()
-    visit_key = req.route_params.get("visitKey", "").lower()
-    bearer, cookie = _bearer(req), _cookie(req, VISIT_COOKIE)
-    if not bearer and not cookie:  # before any lookup: no probing which visits exist
-        raise AuthenticationError(
-            "Open the visit from the EHR first (or send an Entra access token).",
-            action="Start the virtual visit from the EHR; this page then shows who has joined.",
-        )
-    if not _VISIT_KEY.match(visit_key):
-        raise NotFoundError("No such visit.")
-    visit = root.visits.get(visit_key).record
-    authorize_viewer(root, visit, bearer=bearer, visit_cookie=cookie)
-    return visit
+    return authorized_visit(
+        container(),
+        req.route_params.get("visitKey", ""),
+        bearer=_bearer(req),
+        visit_cookie=_cookie(req, VISIT_COOKIE),
+    )
 
 
 def _wants_html(req: func.HttpRequest) -> bool:
@@ -139,3 +155,115 @@ def _html_view(req: func.HttpRequest) -> func.HttpResponse:
 )
 def visit_participants(req: func.HttpRequest) -> func.HttpResponse:
     return _html_view(req) if _wants_html(req) else _json_view(req)
+
+
+# --- the visit page -----------------------------------------------------------------------------
+
+# The page runs its one nonce'd script; it may show inside the EHR's frame (nothing on it acts
+# without the clinician's click but opening their own meeting).
+_PAGE_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors *; script-src 'nonce-{nonce}'"
+)
+
+
+def _inline_script(name: str, nonce: str) -> str:
+    from connector_core.service.portal_web.render import static_file
+
+    found = static_file(name)
+    source = (found[0].decode() if found else "").replace("</", "<\\/")  # cannot end the element
+    return f'<script nonce="{nonce}">\n{source}\n</script>'
+
+
+@bp.route(route="visits/{visitKey}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@browser
+def visit_page(req: func.HttpRequest) -> func.HttpResponse:
+    from connector_core.logs import correlation_id
+    from connector_core.service import visit_page as service
+    from connector_core.service.portal_web import public
+    from connector_core.service.portal_web.visit_pages import visit_page_html
+
+    root = container()
+    visit = _authorized_visit(req)
+    view = service.live_view(root, visit)
+    join = visit.join_web_url or ""
+    locale, _ = public.locale_for(req.headers, req.params)
+    nonce = secrets.token_urlsafe(18)
+    base = f"/api/visits/{visit.visit_key}"
+    page = visit_page_html(
+        locale=locale,
+        view=view,
+        version=service.view_version(view),
+        app_link=service.teams_app_link(join) if join else "",
+        web_link=join,
+        events_url=f"{base}/events",
+        poll_url=f"{base}/participants",
+        script=_inline_script("visit_page.js", nonce),
+        correlation_id=correlation_id(),
+        page_url=base,
+    )
+    return func.HttpResponse(
+        page,
+        status_code=200,
+        mimetype="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Language": locale,
+            "Content-Security-Policy": _PAGE_CSP.format(nonce=nonce),
+            "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+def _event(view: dict[str, Any], version: str) -> str:
+    return f"id: {version}\nevent: view\ndata: {json.dumps(view, separators=(',', ':'))}\n\n"
+
+
+@bp.route(route="visits/{visitKey}/events", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+async def visit_events(req: func.HttpRequest) -> func.HttpResponse:
+    from connector_core.service import visit_page as service
+
+    cid = request_correlation_id(req)
+    with use_correlation_id(cid):
+        try:
+            root = container()
+            visit = await asyncio.to_thread(_authorized_visit, req)
+            last = req.headers.get("last-event-id", "").strip().lower()
+            if not _EVENT_ID.match(last):
+                last = ""
+            deadline = time.monotonic() + service.STREAM_SECONDS
+            body = ""
+            while True:
+                view = await asyncio.to_thread(service.live_view, root, visit)
+                version = service.view_version(view)
+                if version != last:
+                    body = _event(view, version)
+                    break
+                if time.monotonic() + service.STREAM_POLL_SECONDS > deadline:
+                    body = ": no change\n\n"
+                    break
+                await asyncio.sleep(service.STREAM_POLL_SECONDS)
+                # The call's status lives on the visit row: read it again as well.
+                visit = (await asyncio.to_thread(root.visits.get, visit.visit_key)).record
+        except ConnectorError as error:  # EventSource stops on a non-200: the page then polls
+            return problem_response(error, cid)
+        except Exception:  # a bug: problem+json with the correlation id, never a traceback
+            import logging
+
+            logging.getLogger("connector.http").exception("request.crashed route=visit_events")
+            return problem_response(
+                ConnectorError("An unexpected error occurred; quote the correlation id."), cid
+            )
+        return func.HttpResponse(
+            f"retry: {service.STREAM_RETRY_MS}\n" + body,
+            status_code=200,
+            mimetype="text/event-stream",
+            charset="utf-8",
+            headers={
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",
+                "x-correlation-id": cid,
+            },
+        )

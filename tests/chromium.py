@@ -19,7 +19,10 @@ def chromium_available() -> bool:
 
 @contextmanager
 def headless_chromium(
-    *, ca_bundle: str | None = None, third_party_cookies: ThirdPartyCookies = "default"
+    *,
+    ca_bundle: str | None = None,
+    third_party_cookies: ThirdPartyCookies = "default",
+    extra_flags: tuple[str, ...] = (),
 ) -> Iterator[Any]:
     """A Selenium Chrome driver on /usr/bin/chromium with no background network traffic.
 
@@ -47,6 +50,7 @@ def headless_chromium(
         "--ignore-certificate-errors",
         "--window-size=1200,900",
         f"--user-data-dir={profile}",
+        *extra_flags,  # e.g. fake camera and microphone for the device check
     ):
         options.add_argument(flag)
     if third_party_cookies != "default":

@@ -272,6 +272,7 @@ def create_config(
         environment=body.environment,
         ehr_vendor=body.ehr_vendor,
         smart_client_id=body.smart_client_id,
+        provider_landing=body.provider_landing,
         ehr_endpoint_hosts=endpoint_allowance(report),
         created_at=now,
         created_by=caller.actor,
@@ -314,6 +315,7 @@ def update_config(
         environment=body.environment,
         ehr_vendor=body.ehr_vendor,
         smart_client_id=body.smart_client_id,
+        provider_landing=body.provider_landing,
         ehr_endpoint_hosts=endpoint_allowance(report),
     )
     if updated is record:
@@ -452,13 +454,16 @@ def complete_ehr_signin(
     """Completes the approver's EHR sign-in and records it on the config."""
     if not state or len(state) > 4096:
         raise InvalidInputError("The EHR sign-in answer has no state.", action=_RESTART)
+    from connector_core.service import launch_messages as refusals
+
     try:
         payload = container.keyring.unseal(_STATE_PURPOSE, state)
     except AuthenticationError:
-        raise AuthenticationError(
-            "This EHR sign-in request has expired or was not issued by this connector.",
-            action=_RESTART,
-        ) from None
+        try:  # genuine but too old: say so (its own expiry, no table read)
+            container.keyring.unseal(_STATE_PURPOSE, state, now=0.0)
+        except AuthenticationError:
+            raise refusals.ehr_signin_invalid() from None
+        raise refusals.ehr_signin_expired() from None
     from connector_core.adapters.smart import verify_response_issuer
 
     issuer = payload.get("as")
@@ -473,18 +478,12 @@ def complete_ehr_signin(
             str(payload["sid"]), expires_at=now + timedelta(seconds=EHR_SIGNIN_STATE_TTL)
         )
     except ConflictError:
-        raise InvalidStateError(
-            "This EHR sign-in was already completed; its link works only once.", action=_RESTART
-        ) from None
+        raise refusals.ehr_signin_used() from None
     config_id, tenant_id = str(payload["cid"]), str(payload["tid"])
     if error:
         shown = error if _OAUTH_ERROR_RE.match(error) else "error"
         log_event(_log, "config.ehr_signin_refused", config_id=config_id, error=shown)
-        raise PermissionDeniedError(
-            f"The EHR did not complete the sign-in ({shown}).",
-            action="Sign in with an EHR account that may use this application, then try again "
-            "from the configuration portal.",
-        )
+        raise refusals.ehr_signin_refused(shown)
     if not code or len(code) > 4096:
         raise InvalidInputError(
             "The EHR sign-in answer has no authorization code.", action=_RESTART
@@ -572,6 +571,10 @@ def integration_records(container: Container, config: TenantConfig) -> list[Inte
             scopes=list(PATIENT_LAUNCH_SCOPES),
             **common,
         ),
+        # A plain link for the patient portal (no SMART launch, no scopes, no patient data).
+        IntegrationRecord(
+            type="device-test", launch_url=f"{base}/device-test/{config.id}", scopes=[], **common
+        ),
     ]
 
 
@@ -586,6 +589,7 @@ def config_view(container: Container, config: TenantConfig) -> ConfigOut:
         environment=config.environment,
         ehr_vendor=config.ehr_vendor,
         smart_client_id=config.smart_client_id,
+        provider_landing=config.provider_landing,
         status=config.status,
         created_at=config.created_at,
         created_by=config.created_by,

@@ -15,7 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from connector_core.domain.models import ConfigStatus, EhrVendor, Environment, Region
+from connector_core.domain.models import (
+    ConfigStatus,
+    EhrVendor,
+    Environment,
+    ProviderLanding,
+    Region,
+)
 from connector_core.errors import InvalidInputError
 
 __all__ = [
@@ -100,6 +106,11 @@ class ConfigInput(_Wire):
         pattern=CLIENT_ID_PATTERN,
         description="The connector's client id at this EHR, when it differs from SMART_CLIENT_ID",
     )
+    provider_landing: ProviderLanding = Field(
+        default=ProviderLanding.VISIT_PAGE,
+        description="Where the provider launch lands: visit-page (opens the meeting and shows "
+        "who is connected and waiting) or meeting (straight into the Teams meeting)",
+    )
 
 
 def parse_body(model: type[ConfigInput], body: Any) -> ConfigInput:
@@ -170,7 +181,7 @@ class ConfigChangeOut(_Out):
 class IntegrationRecord(_Out):
     """What the EHR analyst enters in the EHR for one launch type."""
 
-    type: Literal["provider", "patient"]
+    type: Literal["provider", "patient", "device-test"]
     launch_url: str
     redirect_uri: str
     client_id: str
@@ -202,6 +213,7 @@ class ConfigOut(_Out):
     environment: Environment
     ehr_vendor: EhrVendor
     smart_client_id: str | None
+    provider_landing: ProviderLanding = ProviderLanding.VISIT_PAGE
     status: ConfigStatus
     created_at: datetime
     created_by: str

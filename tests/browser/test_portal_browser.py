@@ -311,9 +311,16 @@ def test_admin_and_approver_walk_the_seed_flow_and_a_clinician_launch_works(
     clinician = entra.user_for_practitioner(seed.APPOINTMENTS[APPOINTMENT].practitioner_id)
     driver.get(_launch_from_record(copied, ehr, "epic"))
     portal.click(f'a.account[data-upn="{clinician.upn}"]')  # first launch: Microsoft sign-in
+    # a portal-made config lands the clinician on the visit page, which opens the meeting
+    portal.css("#visit[data-mode]")
+    assert "/api/visits/" in driver.current_url
+    portal.axe("clinician's visit page")
+    meeting = driver.find_element(By.CSS_SELECTOR, 'a.open[data-open="browser"]')
+    join_url = meeting.get_attribute("href")
+    assert join_url and join_url.startswith(s.sandbox.graph_url)
+    driver.get(join_url)
     page = portal.css(".join-page")
     assert page.get_attribute("data-mode") == "all"
-    assert driver.current_url.startswith(s.sandbox.graph_url)
 
     # admin pages not seen yet: edit, delete confirmation, an error page
     portal.sign_in("admin")
@@ -469,8 +476,9 @@ def test_the_admin_creates_a_configuration_by_keyboard_alone(
 def test_the_patients_pages_in_chromium_with_axe(
     stack: Stack, ehr: SandboxEhr, driver: Any
 ) -> None:
-    """The waiting page and a launch error page, in Portuguese: no serious or critical
-    violation (the waiting page asks in the background instead of refreshing itself)."""
+    """The waiting page and launch error pages, in Portuguese and Spanish: no serious or
+    critical violation (the waiting page asks in the background instead of refreshing itself);
+    the error pages say what happened and what to do in the page's language."""
     from devtools.seed_config import add_approved_config
 
     s = stack
@@ -480,11 +488,20 @@ def test_the_patients_pages_in_chromium_with_axe(
     )
     driver.get(f"{s.api}/launch/callback?code=x&state=AQforged&lang=pt-BR")
     assert portal.css("h1").text == "É preciso entrar"
+    assert portal.css("p.what").text.startswith("Esta resposta de entrada não é válida")
+    assert (
+        portal.css("p.todo").text == "Volte ao EHR e clique novamente em Iniciar consulta virtual."
+    )
+    assert portal.css("p.what").get_attribute("lang") in (None, "")  # the page's language
     portal.axe("launch error (pt-BR)")
+    driver.get(f"{s.api}/launch/callback?code=x&state=AQforged&lang=es")
+    assert portal.css("p.todo").text.startswith("Vuelva a la HCE y haga clic de nuevo")
+    portal.axe("launch error (es)")
     driver.get(ehr.launch_url(config.id, appointment_id="appt-0c7d5e82", user="patient"))
     driver.get(f"{s.api}/launch/wait?lang=pt-BR")
     assert "Sua consulta por vídeo" in portal.css("h1").text
     portal.axe("waiting page (pt-BR)")
     blocking = _blocking(portal.axe_results)
     assert "launch error (pt-BR)" not in blocking
+    assert "launch error (es)" not in blocking
     assert "waiting page (pt-BR)" not in blocking, blocking

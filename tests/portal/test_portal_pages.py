@@ -144,7 +144,8 @@ def test_admin_creates_test_and_production_configs_approver_signs_in_to_the_ehr_
     body = api.json()
     assert body["status"] == "approved" and body["approvedBy"] == approver
     assert body["ehrValidatedBy"] == approver
-    assert {r["launchUrl"] for r in body["integrationRecords"]} == {provider, patient}
+    device_test = f"{stack.api}/device-test/{created['test']}"
+    assert {r["launchUrl"] for r in body["integrationRecords"]} == {provider, patient, device_test}
     history = admin.get(f"/configs/{created['test']}/history")
     assert [a for a in ("Approved", "Signed in to the EHR", "Created") if a in history.text] == [
         "Approved",

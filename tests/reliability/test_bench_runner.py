@@ -190,3 +190,20 @@ def test_browser_launch_figures_carry_their_budgets() -> None:
         "browser: meeting exists connector-added p95",
     }
     assert bench.render(missed).count("MISS") == 3
+
+
+def test_browser_patient_figures_hold_the_launch_to_two_table_operations() -> None:
+    from devtools import bench_launch
+
+    patients = [_launch(5.0) for _ in range(19)] + [_launch(7.0, ops=3)]
+    figures = {
+        f["name"]: f
+        for f in bench_launch.browser_figures(
+            _launch(200.0), [_launch(8.0)], [_launch(6.0)], patients
+        )
+        if f["name"].startswith("browser: patient")
+    }
+    assert figures["browser: patient, meeting exists connector-added p50"]["value"] == 5.0
+    assert figures["browser: patient, meeting exists connector-added p95"]["ok"]
+    ops = figures["browser: patient, meeting exists table operations"]
+    assert ops["value"] == 3 and ops["budget"] == "<= 2" and not ops["ok"]

@@ -17,6 +17,7 @@ from connector_core.domain.models import (
     ConfigStatus,
     EhrUserMapping,
     Environment,
+    ProviderLanding,
     TenantConfig,
     utcnow,
 )
@@ -278,7 +279,11 @@ def state_of(result: LaunchResult) -> str:
     return parse_qs(urlsplit(result.redirect).query)["state"][0]
 
 
-def make_world(*, status: ConfigStatus = ConfigStatus.APPROVED) -> World:
+def make_world(
+    *,
+    status: ConfigStatus = ConfigStatus.APPROVED,
+    landing: ProviderLanding = ProviderLanding.MEETING,  # these tests predate the visit page
+) -> World:
     container = in_memory_container()
     smart, graph, entra = FakeSmart(), FakeGraph(), FakeEntra()
     container.smart = smart  # type: ignore[assignment]
@@ -292,6 +297,7 @@ def make_world(*, status: ConfigStatus = ConfigStatus.APPROVED) -> World:
         fhir_base_url=FHIR,
         approver_upn="approver@example.org",
         environment=Environment.TEST,
+        provider_landing=landing,
         status=status,
         created_at=now,
         created_by="test",

@@ -242,9 +242,15 @@ def test_search_expression_never_breaks_out_of_the_clause(typed: str, expected: 
     assert search_expression(typed) == expected
 
 
-def test_the_sandbox_has_the_four_portal_personas() -> None:
+def test_the_sandbox_has_the_portal_personas() -> None:
     from devtools.run import persona_lines
-    from devtools.sandbox.entra import ADMIN_ROLE, CONTOSO_TID, PORTAL_PERSONAS, SandboxEntra
+    from devtools.sandbox.entra import (
+        ADMIN_ROLE,
+        AUDITOR_ROLE,
+        CONTOSO_TID,
+        PORTAL_PERSONAS,
+        SandboxEntra,
+    )
 
     entra = SandboxEntra()
     roles = {name: entra.persona(name).roles for name in PORTAL_PERSONAS}
@@ -252,6 +258,7 @@ def test_the_sandbox_has_the_four_portal_personas() -> None:
         "admin": (ADMIN_ROLE,),
         "approver": (),
         "admin-approver": (ADMIN_ROLE,),
+        "auditor": (AUDITOR_ROLE,),
         "no-role": (),
     }
     assert entra.persona("approver").ehr_practitioner_id  # an EHR analyst in the EHR seed

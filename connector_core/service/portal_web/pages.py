@@ -41,6 +41,7 @@ from connector_core.service.portal_web.context import (
 )
 from connector_core.service.portal_web.i18n import N_
 from connector_core.service.portal_web.render import PORTAL_PATH, static_file
+from connector_core.service.portal_web.reports_page import reports, reports_export
 from connector_core.service.portal_web.sessions import (
     SESSION_COOKIE,
     SIGNIN_COOKIE,
@@ -69,6 +70,8 @@ __all__ = [
     "failure_page",
     "home",
     "install_adapters",
+    "reports",
+    "reports_export",
     "signin_callback",
     "signin_start",
     "signout",
@@ -95,6 +98,10 @@ URL_CHECKS: dict[str, str] = {
 }
 
 ENVIRONMENTS = (("test", N_("Test")), ("production", N_("Production")))
+LANDINGS = (
+    ("visit-page", N_("The visit page: opens the meeting and shows who is here and who waits")),
+    ("meeting", N_("Straight into the meeting")),
+)
 VENDORS = (
     ("epic", N_("Epic")),
     ("oracle", N_("Oracle Health (Cerner Millennium)")),
@@ -113,6 +120,7 @@ FIELD_NAMES = {
     "environment": N_("Environment"),
     "ehr_vendor": N_("EHR"),
     "smart_client_id": N_("Client ID at the EHR"),
+    "provider_landing": N_("Clinician lands on"),
     "ehr_endpoint_hosts": N_("EHR endpoint hosts"),
 }
 
@@ -260,6 +268,7 @@ def _form_values(source: Mapping[str, str] | None, config: TenantConfig | None) 
             "environment": source.get("environment", "test"),
             "ehrVendor": source.get("ehrVendor", "smart"),
             "smartClientId": source.get("smartClientId", ""),
+            "providerLanding": source.get("providerLanding", "visit-page"),
         }
     if config is not None:
         return {
@@ -268,6 +277,7 @@ def _form_values(source: Mapping[str, str] | None, config: TenantConfig | None) 
             "environment": config.environment.value,
             "ehrVendor": config.ehr_vendor.value,
             "smartClientId": config.smart_client_id or "",
+            "providerLanding": config.provider_landing.value,
         }
     return {
         "fhirBaseUrl": "",
@@ -275,6 +285,7 @@ def _form_values(source: Mapping[str, str] | None, config: TenantConfig | None) 
         "environment": "test",
         "ehrVendor": "epic",
         "smartClientId": "",
+        "providerLanding": "visit-page",
     }
 
 
@@ -321,12 +332,14 @@ def _form_page(
         existing_id=existing,
         environments=ENVIRONMENTS,
         vendors=VENDORS,
+        landings=LANDINGS,
         field_names={
             "fhirBaseUrl": N_("FHIR base URL"),
             "approverUpn": N_("Approver"),
             "environment": N_("Environment"),
             "ehrVendor": N_("EHR"),
             "smartClientId": N_("Client ID at the EHR"),
+            "providerLanding": N_("Clinician lands on"),
             "form": N_("Configuration"),
         },
         notices=list(notices),
@@ -359,6 +372,7 @@ def _input(form: Mapping[str, str]) -> ConfigInput:
         "approverUpn": form.get("approverUpn", "").strip(),
         "environment": form.get("environment", ""),
         "ehrVendor": form.get("ehrVendor", "smart") or "smart",
+        "providerLanding": form.get("providerLanding", "visit-page") or "visit-page",
     }
     client_id = form.get("smartClientId", "").strip()
     if client_id:

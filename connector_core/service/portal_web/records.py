@@ -9,9 +9,10 @@ the launch URLs as they are. Pure: the values come from the approved config's vi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from connector_core.service.portal_models import ConfigOut
+from connector_core.service.portal_models import ConfigOut, IntegrationRecord
 from connector_core.service.portal_web.i18n import N_
 
 __all__ = [
@@ -81,10 +82,37 @@ def records_for(config: ConfigOut, *, api_base_url: str) -> tuple[RecordGroup, .
     """The records to show for an approved config (empty before approval)."""
     if not config.integration_records:
         return ()
-    records = {r.type: r for r in config.integration_records}
+    records: dict[str, IntegrationRecord] = {r.type: r for r in config.integration_records}
     provider, patient = records["provider"].launch_url, records["patient"].launch_url
     client = _client_fields(config, f"{api_base_url}/ehr-signin/callback")
     vendor = config.ehr_vendor.value
+    return _by_vendor(config, vendor, provider, patient, client) + _device_test(records)
+
+
+def _device_test(records: Mapping[str, IntegrationRecord]) -> tuple[RecordGroup, ...]:
+    record = records.get("device-test")
+    if record is None:
+        return ()
+    return (
+        RecordGroup(
+            N_("Device check for patients (a link in the patient portal)"),
+            N_(
+                "A plain web link, no SMART launch: patients check camera, microphone and "
+                "speaker before the visit. Nothing leaves their device."
+            ),
+            "device-test",
+            (RecordField(N_("Device check URL"), record.launch_url, "device-test-url"),),
+        ),
+    )
+
+
+def _by_vendor(
+    config: ConfigOut,
+    vendor: str,
+    provider: str,
+    patient: str,
+    client: tuple[RecordField, ...],
+) -> tuple[RecordGroup, ...]:
     if vendor == "epic":
         return (
             RecordGroup(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from connector_core.domain.models import ParticipantRole, ParticipantStatus, Visit
 from connector_core.domain.presence import sort_participants
+from connector_core.domain.waiting import settle_arrival
 from connector_core.errors import AuthenticationError, PermissionDeniedError
 
 if TYPE_CHECKING:
@@ -38,18 +39,10 @@ def authorize_viewer(
             raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
         return
     if visit_cookie:
-        try:
-            payload = container.keyring.unseal("visit-cookie", visit_cookie)
-        except AuthenticationError:
-            raise AuthenticationError(
-                "Your visit session has expired; open the visit again from the EHR."
-            ) from None
-        keys = payload.get("visits") or payload.get("visit_keys") or [payload.get("visit_key")]
-        if (
-            isinstance(keys, list | tuple)
-            and visit.visit_key in keys
-            and payload.get("role", "provider") in ("provider", "clinician")
-        ):
+        # The browser's recent visits, each until its own expiry (service/visit_cookie.py).
+        from connector_core.service.visit_cookie import cookie_visits
+
+        if any(key == visit.visit_key for key, _ in cookie_visits(container.keyring, visit_cookie)):
             return
         raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
     raise AuthenticationError(
@@ -64,7 +57,8 @@ def _time(value: datetime | None) -> str | None:
 
 def participants_view(container: Container, visit: Visit) -> dict[str, Any]:
     """Who is connected now and since when (roles and times only), from the participant rows."""
-    rows = sort_participants(container.visits.participants(visit))
+    # The patient's launch counts as waiting (Graph reports nobody in the lobby): waiting.py.
+    rows = sort_participants(settle_arrival(container.visits.participants(visit)))
     participants = [
         {
             "participant": p.participant_key[:12],

@@ -1,0 +1,82 @@
+"""The clinician's visit page: where the provider launch lands (docs/visit-page.md).
+
+The page opens the meeting (Teams app or browser) and shows who is connected, who is waiting
+and who left, kept current by a bounded event stream (``visit_events``) with polling of the
+participants JSON as fallback. Authorization is the live view's (``authorize_viewer``): the
+visit cookie the provider launch set, or an Entra token of the organizer (same tenant). Roles
+and times only: Graph offers no roster with names to an application outside the call, so the
+page names roles ("Clinician (you)", "Patient", "Staff"), and nothing about people is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from connector_core.errors import AuthenticationError, NotFoundError
+
+if TYPE_CHECKING:
+    from connector_core.bootstrap import Container
+    from connector_core.domain.models import Visit
+
+__all__ = [
+    "STREAM_POLL_SECONDS",
+    "STREAM_RETRY_MS",
+    "STREAM_SECONDS",
+    "authorized_visit",
+    "live_view",
+    "teams_app_link",
+    "view_version",
+]
+
+VISIT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+# The event stream answers within STREAM_SECONDS (at once when something changed), then the
+# browser's EventSource reconnects after STREAM_RETRY_MS: no request is held open for long,
+# and a change shows within STREAM_POLL_SECONDS + STREAM_RETRY_MS (under 2 s).
+STREAM_SECONDS = 25.0
+STREAM_POLL_SECONDS = 1.0
+STREAM_RETRY_MS = 500
+
+
+def authorized_visit(
+    container: Container, visit_key: str, *, bearer: str | None, visit_cookie: str | None
+) -> Visit:
+    """The visit, for its clinician only (``AuthenticationError``/``PermissionDeniedError``);
+    a caller without credentials learns nothing about which visits exist."""
+    from connector_core.service.presence import authorize_viewer
+
+    if not bearer and not visit_cookie:
+        raise AuthenticationError(
+            "Open the visit from the EHR first (or send an Entra access token).",
+            action="Start the virtual visit from the EHR; this page then shows who has joined.",
+        )
+    key = visit_key.lower()
+    if not VISIT_KEY.match(key):
+        raise NotFoundError("No such visit.")
+    visit = container.visits.get(key).record
+    authorize_viewer(container, visit, bearer=bearer, visit_cookie=visit_cookie)
+    return visit
+
+
+def live_view(container: Container, visit: Visit) -> dict[str, Any]:
+    """The participants view (roles and times) the page and its stream show."""
+    from connector_core.service.presence import participants_view
+
+    return participants_view(container, visit)
+
+
+def view_version(view: dict[str, Any]) -> str:
+    """A short fingerprint of what the page shows (the stream's event id)."""
+    shown = {k: v for k, v in view.items() if k != "updatedAt"}
+    digest = hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def teams_app_link(join_web_url: str) -> str:
+    """The Teams app's deep link for a join URL: the same path and query, ``msteams:`` scheme
+    (Teams documents ``msteams:/l/meetup-join/...`` as what its https links open)."""
+    parts = urlsplit(join_web_url)
+    return urlunsplit(("msteams", "", parts.path or "/", parts.query, ""))
