@@ -29,7 +29,10 @@ RFC 9457 ``type`` URI.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from connector_core.texts import Text
 
 __all__ = [
     "AuthenticationError",
@@ -59,6 +62,9 @@ class ConnectorError(Exception):
     http_status: ClassVar[int] = 500
     title: ClassVar[str] = "Internal error"
     problem_type: ClassVar[str] = "internal-error"
+    # The detail and action as translatable sentences, for the browser's error page
+    # (connector_core.texts.refusal); None: the page shows them in English.
+    texts: tuple[Text, Text | None] | None = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)

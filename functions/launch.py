@@ -247,6 +247,7 @@ def _start(req: func.HttpRequest, role: str) -> func.HttpResponse:
         iss=req.params.get("iss"),
         launch=req.params.get("launch"),
         session_id=req.params.get("sessionId", req.params.get("conferenceId")),
+        department_id=req.params.get("departmentId"),
     )
     return _respond(result, req, framed=_in_frame(req))
 

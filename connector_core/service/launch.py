@@ -10,33 +10,40 @@ Flow (docs/design.md section 5, "Launch")::
         id_token (fhirUser) verified; launch context -> visit key
         provider: mapping EHR user -> Entra oid; none (or no longer working) -> Entra sign-in;
                   else createOrGet the meeting (its subscription: queued) -> joinWebUrl
-        patient:  the visit's meeting as a browser guest; or, the visit's clinician being mapped,
-                  create it as them; else a waiting page that polls GET launch/wait
+        patient:  the visit's meeting as a browser guest (its join URL cached per worker once
+                  seen); or, the visit's clinician being mapped, create it as them; else a
+                  waiting page that polls GET launch/wait. Each records the patient's arrival
+                  (one upsert, domain.waiting), beside the visit read when there is one
     GET launch/sso-callback?code&state                    complete_sso
         msal code redemption (PKCE + nonce), tid == config tenant, mapping stored, meeting
 
 Privacy: raw EHR ids live only inside one request. Tables get keyed hashes (visit key, EHR user
 key) and sealed values (state, the visit's EHR references); logs get keys only.
 
-Trade-off (documented in README): approved configs (30 s) and EHR user mappings (5 min) are
+Trade-off (documented in docs/launch.md): approved configs (30 s) and EHR user mappings (5 min) are
 cached in-process (``LaunchCache``), and the callback works from a sealed snapshot of the config
 taken when the launch started (at most 10 minutes earlier). A config sent back for approval or
 deleted stops new launches within 30 s on a worker that served it recently. This keeps a repeat
 clinician's launch of a new visit at 2 table operations (state nonce, visit) and one queue
 message: the meeting's Graph subscription is created by the ``meeting-subscriptions`` worker
-(``service/subscriptions.py``), not while the clinician waits.
+(``service/subscriptions.py``), not while the clinician waits. A patient's launch into a meeting
+this worker has seen (within 10 minutes) is 2 as well (state nonce, arrival): a visit's join URL
+never changes once written, so it is cached by visit key (an HMAC of config and visit id); on a
+miss the visit read and the arrival upsert go out side by side (3 operations, one round trip).
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -44,6 +51,8 @@ from urllib.parse import urlsplit
 from connector_core.adapters.smart import verify_response_issuer
 from connector_core.crypto import new_pkce_pair, random_token
 from connector_core.domain.models import ConfigStatus, EhrUserMapping, TenantConfig, Visit
+from connector_core.domain.reports import clean_department_id
+from connector_core.domain.retention import mapping_needs_touch
 from connector_core.domain.scopes import (
     PATIENT_LAUNCH_SCOPES,
     PROVIDER_LAUNCH_SCOPES,
@@ -63,11 +72,12 @@ from connector_core.errors import (
     EhrError,
     GraphError,
     InvalidInputError,
-    InvalidStateError,
     NotFoundError,
     PermissionDeniedError,
 )
 from connector_core.logs import get_logger, log_event
+from connector_core.service import launch_messages as refusals
+from connector_core.service.launch_messages import Flow
 from connector_core.service.subscriptions import request_subscription
 from connector_core.ttl_cache import TtlCache
 
@@ -95,11 +105,10 @@ __all__ = [
 
 STATE_TTL_SECONDS = 600  # launch and sign-in state live 10 minutes
 WAIT_TTL_SECONDS = 4 * 3600  # a patient may open the visit early
-VISIT_COOKIE_TTL_SECONDS = 12 * 3600
 LAUNCH_COOKIE_PREFIX = "__Host-vvl-"
 SSO_COOKIE = "__Host-vv-sso"
 WAIT_COOKIE = "__Host-vv-wait"
-VISIT_COOKIE = "__Host-vv-visit"  # the clinician's visit, for the live participants view
+VISIT_COOKIE = "__Host-vv-visit"  # the clinician's recent visits, for their visit pages
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
 # A launch of a visit created this recently does not ask for its subscription again.
@@ -148,9 +157,13 @@ class LaunchCache:
       stops new launches within that time on a worker that served it recently;
     * EHR user -> Entra mappings for ``mapping_ttl`` (5 min): a mapping only changes when the
       old Entra user stopped working, which Graph reports (404) on the next meeting call; the
-      launch then re-reads the table before asking the clinician to sign in again.
+      launch then re-reads the table before asking the clinician to sign in again;
+    * visit key -> the meeting's join URL for ``visit_ttl`` (10 min, at most ``max_visits``), as
+      stored in the visit row, which never changes it once written: a patient whose visit this
+      worker has read or created needs no visit read.
 
-    Negative results are never cached (a first-time clinician is looked up every time).
+    Negative results are never cached (a first-time clinician is looked up every time, a visit
+    without its meeting is read again).
     """
 
     def __init__(
@@ -160,14 +173,18 @@ class LaunchCache:
         *,
         config_ttl: float = 30.0,
         mapping_ttl: float = 300.0,
+        visit_ttl: float = 600.0,
+        max_visits: int = 2048,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._configs = configs
         self._mappings = mappings
         self._config_ttl = config_ttl
         self._mapping_ttl = mapping_ttl
+        self._visit_ttl = visit_ttl
         self._config_items: TtlCache[str, TenantConfig] = TtlCache(clock=clock)
         self._mapping_items: TtlCache[str, EhrUserMapping] = TtlCache(clock=clock)
+        self._join_urls: TtlCache[str, str] = TtlCache(max_items=max_visits, clock=clock)
 
     def config_record(self, config_id: str) -> TenantConfig:
         """The config whatever its status (write-back also serves visits of changed configs)."""
@@ -185,10 +202,7 @@ class LaunchCache:
         config = self.config_record(config_id)
         if config.status is not ConfigStatus.APPROVED:
             self.forget_config(config_id)
-            raise InvalidStateError(
-                "This virtual-visit configuration is not approved yet.",
-                action="Ask the configuration's approver to complete the approval in the portal.",
-            )
+            raise refusals.not_approved()
         return config
 
     def forget_config(self, config_id: str) -> None:
@@ -214,6 +228,19 @@ class LaunchCache:
     def forget_mapping(self, user_key: str) -> None:
         self._mapping_items.forget(user_key)
 
+    def join_url(self, visit_key: str) -> str | None:
+        """The visit's meeting join URL as stored, when this worker saw it recently."""
+        cached = self._join_urls.get(visit_key)
+        return cached if isinstance(cached, str) else None
+
+    def remember_visit(self, visit: Visit) -> None:
+        """Keep a stored visit's join URL (read from, or just written to, the table)."""
+        if visit.join_web_url:
+            self._join_urls.put(visit.visit_key, visit.join_web_url, ttl=self._visit_ttl)
+
+    def forget_visit(self, visit_key: str) -> None:
+        self._join_urls.forget(visit_key)
+
 
 # --- small helpers --------------------------------------------------------------------------
 
@@ -231,6 +258,7 @@ class _Cfg:
     # equal; Epic's is .../oauth2, not the FHIR base) and whether it always sends iss.
     as_issuer: str | None = None
     as_iss_required: bool = False
+    landing: str = "visit-page"  # ProviderLanding: the visit page, or straight into the meeting
 
     def dump(self) -> dict[str, Any]:
         return {
@@ -241,6 +269,7 @@ class _Cfg:
             "eh": list(self.endpoint_hosts),
             "as": self.as_issuer,
             "asr": self.as_iss_required,
+            "pl": self.landing,
         }
 
     @classmethod
@@ -254,6 +283,7 @@ class _Cfg:
             endpoint_hosts=tuple(str(h) for h in data.get("eh") or ()),
             as_issuer=issuer if isinstance(issuer, str) else None,
             as_iss_required=data.get("asr") is True,
+            landing=str(data.get("pl") or "visit-page"),
         )
 
 
@@ -299,11 +329,12 @@ def _delete(name: str) -> SetCookie:
     return SetCookie(name, "", 0)
 
 
-def _visit_cookie(container: Container, key: str) -> SetCookie:
-    sealed = container.keyring.seal(
-        "visit-cookie", {"visit_key": key, "role": "provider"}, ttl_seconds=VISIT_COOKIE_TTL_SECONDS
-    )
-    return SetCookie(VISIT_COOKIE, sealed, VISIT_COOKIE_TTL_SECONDS)
+def _visit_cookie(container: Container, key: str, previous: str | None) -> SetCookie:
+    """The visit cookie with ``key`` added to the visits the browser's cookie already holds."""
+    from connector_core.service.visit_cookie import add_visit
+
+    sealed, max_age = add_visit(container.keyring, previous, key)
+    return SetCookie(VISIT_COOKIE, sealed, max_age)
 
 
 # --- 1. launch ------------------------------------------------------------------------------
@@ -315,15 +346,10 @@ def _session_id(value: str | None) -> str | None:
     if value is None:
         return None
     text = value.strip()
-    if not text or "%" in text:
-        raise InvalidInputError(
-            "The EHR did not fill in the visit's session id: the launch URL's sessionId is "
-            "empty or still reads like %CONFERENCEID% or %CSN%.",
-            action="Ask your EHR analyst to check the integration record's launch URL: the "
-            "group-visit record needs sessionId=%CONFERENCEID%, the others sessionId=%CSN%, "
-            "exactly as the configuration portal shows them.",
-            reason="session_id_unfilled",
-        )
+    if not text:
+        raise refusals.session_id_missing()
+    if "%" in text:
+        raise refusals.session_id_unfilled()
     if len(text) > 128 or not text.isprintable():
         raise InvalidInputError("The launch URL's sessionId is not a usable id.")
     return text
@@ -344,20 +370,8 @@ def _untrusted_iss(
         except ConnectorError:
             other = None  # the plain message below still holds
     if other is not None:
-        here, there = config.environment.value, other.environment.value
-        return PermissionDeniedError(
-            f"This launch URL belongs to your {here} configuration, but the EHR opened it from "
-            f"its {there} environment.",
-            action=f"Ask your EHR analyst to use, in the {there} environment, the launch URLs of "
-            f"the {there} configuration (the configuration portal lists both).",
-            reason="other_environment",
-        )
-    return PermissionDeniedError(
-        "This launch came from an EHR that this virtual-visit configuration does not trust.",
-        action="Ask your EHR analyst to check that the launch URL in the EHR belongs to this "
-        "EHR environment (test or production).",
-        reason="untrusted_iss",
-    )
+        return refusals.other_environment(config.environment.value, other.environment.value)
+    return refusals.untrusted_iss()
 
 
 def start_launch(
@@ -368,6 +382,7 @@ def start_launch(
     iss: str | None,
     launch: str | None,
     session_id: str | None = None,
+    department_id: str | None = None,
 ) -> LaunchResult:
     """Validate the EHR launch and send the browser to the EHR's authorize endpoint.
 
@@ -404,6 +419,7 @@ def start_launch(
         endpoint_hosts=config.ehr_endpoint_hosts,
         as_issuer=smart.issuer,
         as_iss_required=smart.authorization_response_iss_parameter_supported,
+        landing=config.provider_landing.value,
     )
     verifier, challenge = new_pkce_pair()
     browser_secret = random_token(32)
@@ -420,6 +436,8 @@ def start_launch(
             "ck": cookie_id,
             "bind": _sha256(browser_secret),
             "sess": session,
+            # The launch URL's departmentId (Epic: %PERFDEPID%), kept with the visit for reports.
+            "dep": clean_department_id(department_id),
         },
         ttl_seconds=STATE_TTL_SECONDS,
     )
@@ -444,15 +462,14 @@ def start_launch(
 
 # --- 2. callback ----------------------------------------------------------------------------
 
-_EHR_ERRORS = {
-    "access_denied": "The EHR did not allow the connector to start the visit (access denied).",
-    "invalid_scope": "The EHR did not grant the access the connector asks for (invalid scope).",
-    "unauthorized_client": "The EHR does not allow the connector's client to sign in "
-    "(unauthorized client).",
-    "temporarily_unavailable": "The EHR is temporarily unavailable.",
-    "server_error": "The EHR had an internal error.",
-    "invalid_request": "The EHR refused the sign-in request (invalid request).",
-}
+
+def _opens_when_expired(container: Container, purpose: str, sealed: str) -> bool:
+    """Whether ``sealed`` is genuine and only too old (its own expiry, no table read)."""
+    try:
+        container.keyring.unseal(purpose, sealed, now=0.0)
+    except AuthenticationError:
+        return False
+    return True
 
 
 def _open_state(
@@ -464,20 +481,17 @@ def _open_state(
     try:
         payload = container.keyring.unseal("launch-state", state)
     except AuthenticationError:
-        raise AuthenticationError(
-            "This sign-in answer is not valid: it was altered, is not from this connector, or "
-            "has expired (launches must complete within 10 minutes).",
-            action=_RESTART,
-        ) from None
+        if _opens_when_expired(container, "launch-state", state):
+            raise refusals.state_expired() from None
+        raise refusals.state_invalid() from None
     cookie_name = LAUNCH_COOKIE_PREFIX + str(payload["ck"])
     clear = _delete(cookie_name)
     secret = cookies.get(cookie_name, "")
     if not secret or not hmac.compare_digest(_sha256(secret), str(payload["bind"])):
-        raise AuthenticationError(
-            "This sign-in did not start in this browser (or its cookie was blocked).",
-            action="Start the visit again from the EHR, in the same browser window, with "
-            "cookies allowed.",
-        )
+        # Error path only: a reload after success has no cookie (cleared) but a used state.
+        if container.nonces.was_consumed(str(payload["sid"])):
+            raise refusals.state_used()
+        raise refusals.other_browser()
     cfg = _Cfg.load(payload["cfg"])
     try:
         verify_response_issuer(query.get("iss"), issuer=cfg.as_issuer, required=cfg.as_iss_required)
@@ -496,9 +510,7 @@ def _open_state(
             expires_at=container.clock() + timedelta(seconds=STATE_TTL_SECONDS),
         )
     except ConflictError:
-        raise AuthenticationError(
-            "This sign-in answer was already used.", action=_RESTART
-        ) from None
+        raise refusals.state_used() from None
     return payload, clear
 
 
@@ -510,18 +522,9 @@ def complete_launch(
     role = LaunchRole(payload["role"])
     error = query.get("error")
     if error:
-        known = error if error in _EHR_ERRORS else "other"
+        known = error if error in refusals.EHR_ERROR_CODES else "other"
         log_event(_log, "launch.ehr_error", config_id=cfg.id, role=role.value, error=known)
-        message = _EHR_ERRORS.get(error, "The EHR could not complete the sign-in.")
-        if error == "access_denied":
-            raise PermissionDeniedError(
-                message,
-                action="If you declined, start the visit again and allow it. Otherwise ask "
-                "your EHR analyst to check the connector's access in the EHR.",
-            )
-        if error == "invalid_request":  # e.g. a launch value the EHR never issued: the request
-            raise InvalidInputError(message, action=_RESTART)
-        raise EhrError(message, action=_RESTART)
+        raise refusals.ehr_refused(known)
     code = query.get("code")
     if not code:
         raise InvalidInputError("The EHR's answer has no authorization code.", action=_RESTART)
@@ -554,12 +557,7 @@ def complete_launch(
         context = replace(context, conference_id=session)
     identifier = context.visit_identifier()
     if identifier is None:
-        raise InvalidInputError(
-            "The EHR did not say which visit this is (no appointment, encounter or conference "
-            "id in the launch context).",
-            action="Start the virtual visit from the appointment in the EHR. If it keeps "
-            "happening, ask your EHR analyst to include the appointment in the launch context.",
-        )
+        raise refusals.no_visit_context()
     key = visit_key(container.keyring, cfg.id, identifier)
     if role is LaunchRole.PROVIDER:
         fhir_user = parse_reference(claims.get("fhirUser"), expected=_PROVIDER_USER_TYPES)
@@ -575,8 +573,9 @@ def complete_launch(
             visit_key=key,
             visit_kind=identifier.kind,
             sealed_context=_seal_context(container, cfg, context, practitioner=fhir_user),
+            department_id=_department(payload),
         )
-        result = _provider_continue(container, pending)
+        result = _provider_continue(container, pending, visit_cookie=cookies.get(VISIT_COOKIE))
     else:
         fhir_user = parse_reference(claims.get("fhirUser"))
         if fhir_user is not None and not fhir_user.startswith(_PATIENT_USER_TYPES):
@@ -584,7 +583,16 @@ def complete_launch(
                 "This is the patient's link, but the EHR identified a staff member.",
                 action="Clinicians start the visit from the EHR's provider launch.",
             )
-        result = _patient_continue(container, cfg, key, identifier.kind, context, smart, tokens)
+        result = _patient_continue(
+            container,
+            cfg,
+            key,
+            identifier.kind,
+            context,
+            smart,
+            tokens,
+            department_id=_department(payload),
+        )
     return LaunchResult(
         redirect=result.redirect, waiting=result.waiting, cookies=(clear, *result.cookies)
     )
@@ -618,9 +626,11 @@ class _Pending:
     visit_key: str
     visit_kind: str
     sealed_context: str
+    department_id: str | None = None
 
     def dump(self) -> dict[str, Any]:
         return {
+            "dep": self.department_id,
             "cfg": self.cfg.dump(),
             "uk": self.user_key,
             "vk": self.visit_key,
@@ -636,11 +646,12 @@ class _Pending:
             visit_key=str(data["vk"]),
             visit_kind=str(data["kind"]),
             sealed_context=str(data["ctx"]),
+            department_id=clean_department_id(data.get("dep")),
         )
 
 
 def _provider_continue(
-    container: Container, pending: _Pending, *, fresh: bool = False
+    container: Container, pending: _Pending, *, fresh: bool = False, visit_cookie: str | None
 ) -> LaunchResult:
     mapping, cached = container.launch_cache.mapping(pending.user_key, fresh=fresh)
     if mapping is None or mapping.entra_tid != pending.cfg.tenant_id:
@@ -652,15 +663,40 @@ def _provider_continue(
             raise
         container.launch_cache.forget_mapping(pending.user_key)
         if cached:  # another worker may have re-established it already: read the table
-            return _provider_continue(container, pending, fresh=True)
+            return _provider_continue(container, pending, fresh=True, visit_cookie=visit_cookie)
         # The mapped Entra user no longer works (deleted, moved): forget it, sign in again.
         log_event(_log, "launch.mapping_stale", config_id=pending.cfg.id, user_key=pending.user_key)
         container.mappings.delete(pending.user_key)
         return _start_sso(container, pending, reason="stale_mapping")
-    return _to_meeting(container, pending, visit)
+    _touch_mapping(container, mapping)
+    return _to_meeting(container, pending, visit, visit_cookie)
 
 
-def _to_meeting(container: Container, pending: _Pending, visit: Visit) -> LaunchResult:
+def _touch_mapping(container: Container, mapping: EhrUserMapping) -> None:
+    """Note that the mapping was used (the retention timer deletes long-unused ones): a write
+    only when the stored ``last_used_at`` is a day old, so a repeat clinician's launch costs no
+    table operation; best effort, a launch never fails for it."""
+    now = container.clock()
+    if not mapping_needs_touch(mapping, now=now):
+        return
+    touched = mapping.model_copy(update={"last_used_at": now})
+    try:
+        container.mappings.upsert(touched)
+    except ConnectorError as error:
+        log_event(
+            _log,
+            "launch.mapping_touch_failed",
+            level=logging.WARNING,
+            user_key=mapping.ehr_user_key,
+            error=type(error).__name__,
+        )
+        return
+    container.launch_cache.remember_mapping(touched)
+
+
+def _to_meeting(
+    container: Container, pending: _Pending, visit: Visit, visit_cookie: str | None
+) -> LaunchResult:
     assert visit.join_web_url is not None
     log_event(
         _log,
@@ -668,12 +704,14 @@ def _to_meeting(container: Container, pending: _Pending, visit: Visit) -> Launch
         config_id=pending.cfg.id,
         role="provider",
         visit_key=visit.visit_key,
-        outcome="meeting",
+        outcome="meeting" if pending.cfg.landing == "meeting" else "visit_page",
     )
-    return LaunchResult(
-        redirect=_safe_location(container, visit.join_web_url, "meeting link"),
-        cookies=(_visit_cookie(container, visit.visit_key),),
-    )
+    if pending.cfg.landing == "meeting":
+        target = _safe_location(container, visit.join_web_url, "meeting link")
+    else:  # the clinician's visit page opens the meeting and shows who is there
+        target = f"{container.settings.api_base_url}/visits/{visit.visit_key}"
+    cookie = _visit_cookie(container, visit.visit_key, visit_cookie)
+    return LaunchResult(redirect=target, cookies=(cookie,))
 
 
 def _start_sso(container: Container, pending: _Pending, *, reason: str) -> LaunchResult:
@@ -692,8 +730,14 @@ def _start_sso(container: Container, pending: _Pending, *, reason: str) -> Launc
     )
     return LaunchResult(
         redirect=_safe_location(container, url, "Microsoft sign-in URL"),
-        cookies=(SetCookie(SSO_COOKIE, sealed, STATE_TTL_SECONDS),),
+        # The cookie outlives its sealed value, so a late answer reads "expired", not
+        # "another browser".
+        cookies=(SetCookie(SSO_COOKIE, sealed, 2 * STATE_TTL_SECONDS),),
     )
+
+
+def _sso_nonce(flow_state: str) -> str:
+    return "sso-" + _sha256(flow_state)[:40]
 
 
 def complete_sso(
@@ -702,17 +746,17 @@ def complete_sso(
     """Finish the clinician's Entra sign-in, remember the mapping, open the meeting."""
     sealed = cookies.get(SSO_COOKIE)
     if not sealed:
-        raise AuthenticationError(
-            "This Microsoft sign-in did not start in this browser, or took too long.",
-            action=_RESTART,
-        )
+        # Error path only: a reload after success finds the cookie cleared, the answer used.
+        answer = str(query.get("state", ""))
+        if answer and container.nonces.was_consumed(_sso_nonce(answer)):
+            raise refusals.state_used(Flow.MICROSOFT)
+        raise refusals.other_browser(Flow.MICROSOFT)
     try:
         data = container.keyring.unseal("launch-sso", sealed)
     except AuthenticationError:
-        raise AuthenticationError(
-            "This Microsoft sign-in has expired (it must complete within 10 minutes).",
-            action=_RESTART,
-        ) from None
+        if _opens_when_expired(container, "launch-sso", sealed):
+            raise refusals.state_expired(Flow.MICROSOFT) from None
+        raise refusals.state_invalid(Flow.MICROSOFT) from None
     flow: dict[str, Any] = dict(data["flow"])
     pending = _Pending.load(data["pending"])
     clear = _delete(SSO_COOKIE)
@@ -723,21 +767,15 @@ def complete_sso(
         )
     try:
         container.nonces.consume(
-            "sso-" + _sha256(str(flow["state"]))[:40],
+            _sso_nonce(str(flow["state"])),
             expires_at=container.clock() + timedelta(seconds=STATE_TTL_SECONDS),
         )
     except ConflictError:
-        raise AuthenticationError(
-            "This Microsoft sign-in answer was already used.", action=_RESTART
-        ) from None
+        raise refusals.state_used(Flow.MICROSOFT) from None
     if query.get("error"):
         code = str(query["error"])[:40]
         log_event(_log, "launch.entra_error", config_id=pending.cfg.id, error=code)
-        raise AuthenticationError(
-            f"Microsoft sign-in did not complete ({code}).",
-            action="Start the visit again from the EHR and sign in with your work account. If "
-            "your account is disabled, contact your administrator.",
-        )
+        raise refusals.microsoft_signin_refused(code)
     user = container.entra_signin.complete(
         tenant_id=pending.cfg.tenant_id, flow=flow, auth_response=dict(query)
     )
@@ -772,7 +810,7 @@ def complete_sso(
                 "that has Microsoft Teams.",
             ) from None
         raise
-    result = _to_meeting(container, pending, visit)
+    result = _to_meeting(container, pending, visit, cookies.get(VISIT_COOKIE))
     return LaunchResult(redirect=result.redirect, cookies=(clear, *result.cookies))
 
 
@@ -781,9 +819,11 @@ def complete_sso(
 
 def _get_visit(container: Container, key: str) -> Visit | None:
     try:
-        return container.visits.get(key).record
+        visit = container.visits.get(key).record
     except NotFoundError:
         return None
+    container.launch_cache.remember_visit(visit)
+    return visit
 
 
 def _subscription_if_missing(
@@ -856,6 +896,7 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         meeting_id=meeting.id,
         join_web_url=meeting.join_web_url,
         organizer_oid=organizer_oid,
+        department_id=pending.department_id,
         sealed_context=pending.sealed_context,
         created_at=now,
         updated_at=now,
@@ -868,10 +909,12 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
     except ConflictError:
         pass
     else:
+        container.launch_cache.remember_visit(visit)
         _subscription_if_missing(container, visit, fresh_visit=True)
         return visit
     # Someone created the visit meanwhile (the patient's launch, another clinician): theirs wins.
     existing = container.visits.get(pending.visit_key).record
+    container.launch_cache.remember_visit(existing)
     if existing.join_web_url != meeting.join_web_url:
         log_event(_log, "launch.duplicate_meeting", visit_key=pending.visit_key)
     if existing.join_web_url:
@@ -883,6 +926,11 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
 # --- patient --------------------------------------------------------------------------------
 
 
+def _department(payload: Mapping[str, Any]) -> str | None:
+    value = payload.get("dep")
+    return clean_department_id(value) if isinstance(value, str) else None
+
+
 def _patient_continue(
     container: Container,
     cfg: _Cfg,
@@ -891,10 +939,17 @@ def _patient_continue(
     context: LaunchContext,
     smart: SmartConfiguration,
     tokens: SmartTokenResponse,
+    *,
+    department_id: str | None = None,
 ) -> LaunchResult:
-    existing = _get_visit(container, key)
+    launched_at = container.clock()  # the arrival: the lobby wait starts here
+    join_url = container.launch_cache.join_url(key)
+    if join_url is not None:  # this worker saw the meeting: no visit read
+        _record_arrival(container, key, launched_at)
+        return _patient_to_meeting(container, cfg, key, join_url)
+    existing = _visit_and_arrival(container, key, launched_at)
     if existing is not None and existing.join_web_url:
-        return _patient_to_meeting(container, cfg, existing)
+        return _patient_to_meeting(container, cfg, key, existing.join_web_url)
     # The clinician has not opened the visit yet. If the visit's clinician signed in before
     # (mapped), the meeting can be created as them now.
     for practitioner in _visit_practitioners(container, smart, tokens, context):
@@ -908,6 +963,7 @@ def _patient_continue(
             visit_key=key,
             visit_kind=kind,
             sealed_context=_seal_context(container, cfg, context, practitioner=practitioner),
+            department_id=department_id,  # the visit's department, as a clinician's would
         )
         try:
             visit = _open_meeting(container, pending, organizer_oid=mapping.entra_oid)
@@ -922,7 +978,9 @@ def _patient_continue(
                 reason=error.extra.get("reason", "-"),
             )
             break
-        return _patient_to_meeting(container, cfg, visit)
+        _touch_mapping(container, mapping)
+        assert visit.join_web_url is not None
+        return _patient_to_meeting(container, cfg, key, visit.join_web_url)
     log_event(
         _log,
         "launch.completed",
@@ -932,23 +990,64 @@ def _patient_continue(
         outcome="waiting",
     )
     wait = container.keyring.seal(
-        "launch-wait", {"vk": key, "cfg": cfg.id}, ttl_seconds=WAIT_TTL_SECONDS
+        "launch-wait",
+        # When the patient launched: their arrival once the meeting exists (poll_waiting), so
+        # the lobby wait counts the waiting page too.
+        {"vk": key, "cfg": cfg.id, "at": launched_at.isoformat()},
+        ttl_seconds=WAIT_TTL_SECONDS,
     )
     return LaunchResult(waiting=True, cookies=(SetCookie(WAIT_COOKIE, wait, WAIT_TTL_SECONDS),))
 
 
-def _patient_to_meeting(container: Container, cfg: _Cfg, visit: Visit) -> LaunchResult:
-    assert visit.join_web_url is not None
+def _patient_to_meeting(container: Container, cfg: _Cfg, key: str, join_url: str) -> LaunchResult:
+    """The patient into the meeting's lobby (their arrival is recorded already)."""
     log_event(
         _log,
         "launch.completed",
         config_id=cfg.id,
         role="patient",
-        visit_key=visit.visit_key,
+        visit_key=key,
         outcome="meeting",
     )
-    url = _safe_location(container, guest_join_url(visit.join_web_url), "meeting link")
-    return LaunchResult(redirect=url)
+    return LaunchResult(
+        redirect=_safe_location(container, guest_join_url(join_url), "meeting link")
+    )
+
+
+def _record_arrival(container: Container, key: str, at: datetime) -> None:
+    """Tell the clinician's visit page that the patient is on the way (Graph reports nobody in
+    the lobby), and reports when their wait began: one upsert, which may precede the visit row
+    (retention purges a partition with an arrival only). A failure must not keep the patient
+    from the visit."""
+    from connector_core.domain.waiting import patient_arrival
+
+    try:
+        container.visits.record_patient_arrival(key, patient_arrival(at))
+    except ConnectorError as error:
+        log_event(
+            _log,
+            "launch.arrival_not_recorded",
+            level=logging.WARNING,
+            visit_key=key,
+            error=type(error).__name__,
+        )
+
+
+# The arrival upsert runs beside the visit read (the storage clients are thread-safe), so a
+# patient whose visit this worker has not seen waits one round trip, not two. Each task is
+# waited for by its launch, so at most one per launch in flight.
+_ARRIVALS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="launch-arrival")
+
+
+def _visit_and_arrival(container: Container, key: str, at: datetime) -> Visit | None:
+    """The visit (None: not yet), read while the patient's arrival is recorded; both done
+    when this returns."""
+    context = contextvars.copy_context()  # the launch's correlation id in a failure's log
+    recorded = _ARRIVALS.submit(context.run, _record_arrival, container, key, at)
+    try:
+        return _get_visit(container, key)
+    finally:
+        recorded.result()
 
 
 def _visit_practitioners(
@@ -1015,19 +1114,25 @@ def poll_waiting(container: Container, *, cookies: Mapping[str, str]) -> LaunchR
     """The patient's waiting page asks again: the meeting, once the clinician has opened it."""
     sealed = cookies.get(WAIT_COOKIE)
     if not sealed:
-        raise AuthenticationError(
-            "This waiting page has expired or was opened in another browser.",
-            action="Open the visit again from MyChart.",
-        )
+        raise refusals.waiting_page_expired(cookie_missing=True)
     try:
         data = container.keyring.unseal("launch-wait", sealed)
     except AuthenticationError:
-        raise AuthenticationError(
-            "This waiting page has expired.", action="Open the visit again from MyChart."
-        ) from None
-    visit = _get_visit(container, str(data["vk"]))
-    if visit is None or not visit.join_web_url:
-        return LaunchResult(waiting=True)
-    log_event(_log, "launch.waiting_done", visit_key=visit.visit_key)
-    url = _safe_location(container, guest_join_url(visit.join_web_url), "meeting link")
+        raise refusals.waiting_page_expired(cookie_missing=False) from None
+    key = str(data["vk"])
+    join_url = container.launch_cache.join_url(key)
+    if join_url is None:
+        visit = _get_visit(container, key)
+        if visit is None or not visit.join_web_url:
+            return LaunchResult(waiting=True)
+        join_url = visit.join_web_url
+    log_event(_log, "launch.waiting_done", visit_key=key)
+    url = _safe_location(container, guest_join_url(join_url), "meeting link")
+    # The arrival as of the launch: the waiting page's time counts in the lobby wait.
+    launched = data.get("at")
+    _record_arrival(
+        container,
+        key,
+        datetime.fromisoformat(launched) if isinstance(launched, str) else container.clock(),
+    )
     return LaunchResult(redirect=url, cookies=(_delete(WAIT_COOKIE),))

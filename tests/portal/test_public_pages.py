@@ -1,7 +1,8 @@
 """The pages patients and clinicians see speak their language: the waiting page and the error
-pages of the launch routes, from ``Accept-Language``, the language cookie or ``?lang=``; what a
-use case says in its error stays English and is marked ``lang="en"``. And the portal's Fluent
-tokens stylesheet is the one generated from the installed @fluentui/tokens package."""
+pages of the launch routes, from ``Accept-Language``, the language cookie or ``?lang=``: a launch
+refusal with a reason is translated too, a use case's detail without one stays English and is
+marked ``lang="en"``. And the portal's Fluent tokens stylesheet is the one generated from the
+installed @fluentui/tokens package."""
 
 from __future__ import annotations
 
@@ -31,7 +32,11 @@ def test_launch_error_pages_in_spanish_and_portuguese(stack: Stack) -> None:
         assert spanish.status_code == 401 and '<html lang="es"' in spanish.text
         assert "Es necesario iniciar sesión" in spanish.text
         assert "Referencia (ID de correlación):" in spanish.text
-        assert re.search(r'<p class="what" lang="en">[^<]+</p>', spanish.text)
+        # a forged answer (reason state_invalid): translated, message and next step
+        assert '<p class="what">Esta respuesta de inicio de sesión no es válida' in spanish.text
+        assert '<p class="todo">Vuelva a la HCE y haga clic de nuevo' in spanish.text
+        no_state = browser.get(f"{stack.api}/launch/callback?code=x")  # no reason: English
+        assert re.search(r'<p class="what" lang="en">[^<]+</p>', no_state.text)
         assert spanish.headers["content-language"] == "es"
         portuguese = browser.get(forged + "&lang=pt-BR")
         assert '<html lang="pt-BR"' in portuguese.text and "É preciso entrar" in portuguese.text

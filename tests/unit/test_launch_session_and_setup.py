@@ -75,7 +75,7 @@ def test_the_ehrs_own_conference_identifier_wins_over_the_url(world: World) -> N
     assert world.container.visits.get(key).record.join_web_url
 
 
-@pytest.mark.parametrize("value", ["%CONFERENCEID%", "%CSN%", "", "  ", "abc%20"])
+@pytest.mark.parametrize("value", ["%CONFERENCEID%", "%CSN%", "abc%20"])
 def test_an_unfilled_session_token_is_a_setup_mistake_with_its_own_message(
     world: World, value: str
 ) -> None:
@@ -83,6 +83,18 @@ def test_an_unfilled_session_token_is_a_setup_mistake_with_its_own_message(
         world.start(session_id=value)
     assert caught.value.extra["reason"] == "session_id_unfilled"
     assert "%CONFERENCEID%" in str(caught.value.extra["action"])
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_session_id_says_the_group_visit_link_lacked_its_conference_id(
+    world: World, value: str
+) -> None:
+    """Epic fills %CONFERENCEID% with nothing for a visit that is no group visit."""
+    with pytest.raises(InvalidInputError) as caught:
+        world.start(session_id=value)
+    assert caught.value.extra["reason"] == "session_id_missing"
+    assert "conference id" in caught.value.detail
+    assert "sessionId=%CONFERENCEID%" in str(caught.value.extra["action"])
 
 
 def test_an_unusable_session_id_is_refused(world: World) -> None:

@@ -5,8 +5,10 @@ route (launch, EHR sign-in callback, live view), the patient's waiting page, the
 These pages are self-contained (inline style, no external resource): the launch routes' CSP is
 ``default-src 'none'; style-src 'unsafe-inline'`` and EHRs show them in embedded browsers. The
 language comes from ``?lang=``, the ``__Host-vv-lang`` cookie or ``Accept-Language``. What a
-use case says in its error (``detail``, ``action``) is English and is marked ``lang="en"`` on a
-page in another language, so screen readers pronounce it right.
+use case says in its error is shown translated when it said it as translatable texts (every
+launch refusal with a ``reason``: ``connector_core.service.launch_messages``); any other
+``detail``/``action`` is English and is marked ``lang="en"`` on a page in another language, so
+screen readers pronounce it right.
 """
 
 from __future__ import annotations
@@ -93,13 +95,20 @@ def locale_for(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[s
 
 def error_html(*, locale: str, error: ConnectorError | None, correlation_id: str) -> str:
     action = error.extra.get("action") if error is not None else None
+    message = error.detail if error is not None else None
+    texts = error.texts if error is not None else None
+    if texts is not None:  # said as translatable texts: in the page's language
+        gettext = i18n.translations(locale).gettext
+        message = texts[0].translate(gettext)
+        action = texts[1].translate(gettext) if texts[1] is not None else None
     return render(
         "public_error.html",
         locale,
         title=error_title(error),
         intro=None if error is not None else _UNEXPECTED,
-        message=error.detail if error is not None else None,
+        message=message,
         action=str(action) if action else None,
+        english=texts is None,
         default_action=_DEFAULT_ACTION,
         correlation_id=correlation_id,
         script="",

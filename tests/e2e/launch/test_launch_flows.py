@@ -179,7 +179,7 @@ def test_replayed_state_is_refused(s: Stack, config: TenantConfig) -> None:
     # the same answer again, even with the browser-binding cookie put back
     with httpx.Client() as raw:
         replay = raw.get(callback_url, headers={"cookie": cookie})
-    _page_error(replay, 401, "already used", "Start the visit again")
+    _page_error(replay, 401, "already used", "click Start virtual visit again")
 
 
 def test_forged_and_tampered_state_is_refused(s: Stack, config: TenantConfig) -> None:
