@@ -37,7 +37,9 @@ URL layout per profile (``fhir`` = its FHIR base, ``auth`` = its authorization s
                                             matches, 412 when several; ignore_if_none_exist
                                             makes it ignore the header, as servers without
                                             conditional create do)
-    GET  {fhir}/AuditEvent?entity:identifier=system|value   search (a system read token)
+    GET  {fhir}/AuditEvent?...              search (a system read token): entity (reference),
+                                            entity:identifier, agent, date (eq/ne/gt/ge/lt/le),
+                                            type, subtype (tokens), _count, _sort=date|-date
     GET  authorize (EHR launch -> 302; standalone -> sign-in page), GET signin, POST token,
          GET jwks: see ``EhrProfile.authorization_endpoint`` / ``token_endpoint`` / ``jwks_uri``
     POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus       default
@@ -46,13 +48,17 @@ URL layout per profile (``fhir`` = its FHIR base, ``auth`` = its authorization s
 and, shared::
 
     GET  {base}/                                   today's appointments (?config=, ?config_epic=,
-                                                   ?config_oracle=: connector config ids)
+                                                   ?config_oracle=: connector config ids), each with
+                                                   the write-backs it received; the group visit
+    GET  {base}/writebacks                          the same write-backs as JSON (the page polls it)
     GET  {base}/fhir/r4/.well-known/jwks.json      the default profile's key (older location)
     GET  {base}/fhir/dstu2/metadata (+ /.well-known/smart-configuration)   a DSTU2 server
     GET  {base}/fhir/no-pkce/metadata (+ smart-configuration advertising only "plain" PKCE)
 
 Launches, codes and tokens belong to the profile that issued them: another profile's authorize,
-token, FHIR or Epic endpoint refuses them, as another EHR would.
+token, FHIR or Epic endpoint refuses them, as another EHR would. What it keeps is bounded: the
+newest :data:`MAX_AUDIT_EVENTS` AuditEvents, :data:`MAX_EPIC_CALLS` Epic calls and
+:data:`MAX_LAUNCHES` launch tokens (the oldest go first).
 """
 
 from __future__ import annotations
@@ -67,8 +73,10 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
@@ -121,6 +129,23 @@ EPIC_REQUIRED_PARAMS = ("ConferenceID", "ExternalID", "ExternalIDType", "Connect
 # A made-up Millennium tenant (Oracle Health URLs are scoped by a tenant GUID).
 ORACLE_TENANT_ID = "6f1c9e2a-4b7d-4e38-9a05-d2c81b3e7f94"
 _ORACLE_OAUTH = f"/oracle/tenants/{ORACLE_TENANT_ID}/protocols/oauth2/profiles/smart-v1"
+# Bounds on what the sandbox keeps in memory (a long `make run` session stays small).
+MAX_AUDIT_EVENTS = 2000
+MAX_EPIC_CALLS = 2000
+MAX_LAUNCHES = 5000
+AUDIT_SEARCH_PAGE = 100  # entries per searchset without _count
+AUDIT_SEARCH_MAX_COUNT = 1000
+AUDIT_SEARCH_PARAMS = (
+    "entity",
+    "entity:identifier",
+    "agent",
+    "date",
+    "type",
+    "subtype",
+    "_count",
+    "_sort",
+)
+WRITEBACKS_SHOWN = 20  # per appointment on the page
 _PKCE_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _PKCE_VERIFIER_RE = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _SCOPE_RE = re.compile(r"^(patient|user|system)/(\*|[A-Za-z]+)\.(read|write|\*|c?r?u?d?s?)$")
@@ -352,6 +377,176 @@ def _identifier_search(query: str) -> tuple[str, str] | None:
     return system, value
 
 
+def _append_bounded(items: list[Any], item: Any, cap: int) -> None:
+    """Appends ``item``, dropping the oldest beyond ``cap``."""
+    items.append(item)
+    if len(items) > cap:
+        del items[: len(items) - cap]
+
+
+def _instant(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+_DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
+
+
+def _date_test(value: str) -> Callable[[dict[str, Any]], bool]:
+    """FHIR ``date`` search on ``recorded``: a prefix and a date or dateTime, whose precision is
+    the range it stands for (a day, a second, a microsecond)."""
+    prefix, text = ("eq", value)
+    if value[:2] in _DATE_PREFIXES:
+        prefix, text = value[:2], value[2:]
+    try:
+        start = _instant(text)
+    except ValueError:
+        raise ValueError(f"date: {value!r} is not a FHIR date or dateTime") from None
+    if "T" not in text:
+        end = start + timedelta(days=1)
+    elif "." in text:
+        end = start + timedelta(microseconds=1)
+    else:
+        end = start + timedelta(seconds=1)
+
+    def test(resource: dict[str, Any]) -> bool:
+        try:
+            at = _instant(str(resource.get("recorded", "")))
+        except ValueError:
+            return False
+        return {
+            "eq": start <= at < end,
+            "ne": not start <= at < end,
+            "gt": at >= end,
+            "lt": at < start,
+            "ge": at >= start,
+            "le": at < end,
+        }[prefix]
+
+    return test
+
+
+def _token_test(
+    value: str, codings: Callable[[dict[str, Any]], Iterable[Any]]
+) -> Callable[[dict[str, Any]], bool]:
+    """FHIR token search (``code``, ``system|code``, ``|code``; a comma means "or")."""
+    wanted: list[tuple[str | None, str]] = []
+    for part in value.split(","):
+        system, bar, code = part.partition("|")
+        wanted.append((system, code) if bar else (None, part))
+
+    def test(resource: dict[str, Any]) -> bool:
+        for coding in codings(resource):
+            if not isinstance(coding, dict):
+                continue
+            for system, code in wanted:
+                if coding.get("code") == code and (
+                    system is None or (coding.get("system") or "") == system
+                ):
+                    return True
+        return False
+
+    return test
+
+
+def _reference_test(
+    value: str, base: str, references: Callable[[dict[str, Any]], Iterable[Any]]
+) -> Callable[[dict[str, Any]], bool]:
+    """FHIR reference search (``Type/id`` or an absolute URL on this server; comma: "or")."""
+    wanted = {_relative(part, base) for part in value.split(",")}
+    if not all(re.fullmatch(r"[A-Za-z]+/[A-Za-z0-9\-.]{1,64}", w) for w in wanted):
+        raise ValueError(f"a reference search needs Type/id values, not {value!r}")
+
+    def test(resource: dict[str, Any]) -> bool:
+        return any(_relative(str(ref), base) in wanted for ref in references(resource) if ref)
+
+    return test
+
+
+def _identifier_test(system: str, value: str) -> Callable[[dict[str, Any]], bool]:
+    def test(resource: dict[str, Any]) -> bool:
+        for entity in resource.get("entity", []):
+            identifier = entity.get("what", {}).get("identifier", {})
+            if identifier.get("system") == system and str(identifier.get("value")) == value:
+                return True
+        return False
+
+    return test
+
+
+def _recorded(resource: dict[str, Any]) -> datetime:
+    try:
+        return _instant(str(resource.get("recorded", "")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _relative(reference: str, base: str) -> str:
+    return reference[len(base) + 1 :] if reference.startswith(base + "/") else reference
+
+
+@dataclass(frozen=True)
+class _AuditSearch:
+    """An AuditEvent search (the parameters of ``AUDIT_SEARCH_PARAMS``; each one narrows it)."""
+
+    tests: tuple[Callable[[dict[str, Any]], bool], ...]
+    count: int
+    newest_first: bool | None
+
+    @classmethod
+    def parse(cls, items: Iterable[tuple[str, str]], base: str) -> _AuditSearch:
+        tests: list[Callable[[dict[str, Any]], bool]] = []
+        count, newest_first = AUDIT_SEARCH_PAGE, None
+        for name, value in items:
+            if name == "_count":
+                if not value.isdigit() or int(value) > AUDIT_SEARCH_MAX_COUNT:
+                    raise ValueError(f"_count must be 0..{AUDIT_SEARCH_MAX_COUNT}")
+                count = int(value)
+            elif name == "_sort":
+                if value not in ("date", "-date"):
+                    raise ValueError("_sort supports date and -date")
+                newest_first = value == "-date"
+            elif name == "entity:identifier":
+                wanted = _identifier_search(f"entity:identifier={quote(value, safe='')}")
+                if wanted is None:
+                    raise ValueError("entity:identifier needs system|value")
+                tests.append(_identifier_test(*wanted))
+            elif name == "entity":
+                tests.append(
+                    _reference_test(
+                        value,
+                        base,
+                        lambda r: [e.get("what", {}).get("reference") for e in r.get("entity", [])],
+                    )
+                )
+            elif name == "agent":
+                tests.append(
+                    _reference_test(
+                        value,
+                        base,
+                        lambda r: [a.get("who", {}).get("reference") for a in r.get("agent", [])],
+                    )
+                )
+            elif name == "date":
+                tests.append(_date_test(value))
+            elif name == "type":
+                tests.append(_token_test(value, lambda r: [r.get("type")]))
+            elif name == "subtype":
+                tests.append(_token_test(value, lambda r: r.get("subtype") or []))
+            else:
+                raise ValueError(
+                    f"Unsupported search parameter {name!r}; this server supports "
+                    + ", ".join(AUDIT_SEARCH_PARAMS)
+                )
+        return cls(tuple(tests), count, newest_first)
+
+    def run(self, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        matches = [r for r in stored if all(test(r) for test in self.tests)]
+        if self.newest_first is not None:
+            matches.sort(key=_recorded, reverse=self.newest_first)
+        return matches
+
+
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
@@ -380,6 +575,12 @@ a.user{background:#1f5f99;color:#fff}
 a.deny{background:#a33;color:#fff}
 .badge{background:#ffe9a8;border-radius:3px;padding:0 .3rem;font-size:.8rem}
 .error{background:#fff0f0;border:1px solid #e0a0a0;padding:.8rem}
+a.group-launch{display:inline-block;padding:.35rem .7rem;border-radius:4px;
+text-decoration:none;font-size:.9rem;background:#1f5f99;color:#fff}
+a.group-launch[data-role=patient]{background:#2f7d4f}
+ul.writebacks{margin:0;padding-left:1rem;font-size:.85rem}
+table.group-visit{margin-top:.5rem}
+.note{font-size:.9rem}
 """
 
 
@@ -622,7 +823,11 @@ class SandboxEhr:
         self._signins: dict[str, _PendingSignin] = {}
         self._jtis: dict[str, float] = {}
         self._jwks_cache: tuple[float, dict[str, Any]] | None = None
-        self._audit_by_id: dict[str, tuple[ProfileName, dict[str, Any]]] = {}
+        self._audit_by_id: dict[str, tuple[ProfileName, dict[str, Any]]] = {}  # oldest first
+        # (received at, profile, parameters) per Epic connection-status call, for the page
+        self._epic_log: deque[tuple[float, ProfileName, dict[str, Any]]] = deque(
+            maxlen=MAX_EPIC_CALLS
+        )
         # (profile, entity identifier system, value) -> ids: conditional create and search
         self._audit_by_identifier: dict[tuple[str, str, str], list[str]] = {}
         self._profiles: dict[ProfileName, EhrProfile] = {
@@ -743,6 +948,13 @@ class SandboxEhr:
                 profile.epic_status_calls.clear()
                 profile.token_requests.clear()
 
+    def clear_writebacks(self) -> None:
+        """Forget every stored AuditEvent and Epic call (what searches and the page show)."""
+        with self._lock:
+            self._audit_by_id.clear()
+            self._audit_by_identifier.clear()
+            self._epic_log.clear()
+
     def make_launch(
         self,
         *,
@@ -829,6 +1041,8 @@ class SandboxEhr:
             now = self.clock()
             for key in [k for k, v in self._launches.items() if v.expires_at < now]:
                 del self._launches[key]
+            while len(self._launches) >= MAX_LAUNCHES:  # a page view mints a few: stay bounded
+                del self._launches[next(iter(self._launches))]
             self._launches[token] = ctx
         return token, ctx
 
@@ -904,6 +1118,7 @@ class SandboxEhr:
         default = self._profiles["default"]
         routes = [
             Route("/", self._home, methods=["GET"]),
+            Route("/writebacks", self._writebacks_json, methods=["GET"]),
             Route("/smart-style.json", self._smart_style, methods=["GET"]),
             # the default profile's key at its older location (before the FHIR read route)
             Route(
@@ -1113,7 +1328,13 @@ class SandboxEhr:
                 "type": "AuditEvent",
                 "interaction": [{"code": "create"}, {"code": "read"}, {"code": "search-type"}],
                 "conditionalCreate": conditional_create,
-                "searchParam": [{"name": "entity", "type": "reference"}],
+                "searchParam": [
+                    {"name": "entity", "type": "reference"},
+                    {"name": "agent", "type": "reference"},
+                    {"name": "date", "type": "date"},
+                    {"name": "type", "type": "token"},
+                    {"name": "subtype", "type": "token"},
+                ],
             }
         )
         return {
@@ -1812,7 +2033,8 @@ class SandboxEhr:
                 )
         new_id = uuid.uuid4().hex
         stored = dict(body)
-        created = {**body, "id": new_id, "meta": {"versionId": "1"}}
+        updated = datetime.fromtimestamp(self.clock(), UTC).isoformat().replace("+00:00", "Z")
+        created = {**body, "id": new_id, "meta": {"versionId": "1", "lastUpdated": updated}}
         with self._lock:  # the search and the insert are one step: no duplicate under races
             if wanted is not None:
                 matches = self._matching_audit_events(profile, *wanted)
@@ -1820,20 +2042,39 @@ class SandboxEhr:
                     return _outcome(412, "duplicate", "If-None-Exist matches several resources")
                 if matches:
                     return Response(json.dumps(matches[0]), status_code=200, media_type=FHIR_JSON)
-            self.audit_events.append(stored)
-            profile.audit_events.append(stored)
+            _append_bounded(self.audit_events, stored, MAX_AUDIT_EVENTS)
+            _append_bounded(profile.audit_events, stored, MAX_AUDIT_EVENTS)
             self._audit_by_id[new_id] = (profile.name, created)
-            for entity in body.get("entity", []):
-                identifier = entity.get("what", {}).get("identifier", {})
-                if isinstance(identifier, dict) and identifier.get("system"):
-                    index = (profile.name, identifier["system"], str(identifier.get("value")))
-                    self._audit_by_identifier.setdefault(index, []).append(new_id)
+            for index in self._identifier_keys(profile.name, created):
+                self._audit_by_identifier.setdefault(index, []).append(new_id)
+            while len(self._audit_by_id) > MAX_AUDIT_EVENTS:
+                self._forget_oldest_audit_event()
         return Response(
             json.dumps(created),
             status_code=201,
             media_type=FHIR_JSON,
             headers={"Location": f"{profile.fhir_base}/AuditEvent/{new_id}/_history/1"},
         )
+
+    @staticmethod
+    def _identifier_keys(profile: str, resource: dict[str, Any]) -> list[tuple[str, str, str]]:
+        keys = []
+        for entity in resource.get("entity", []):
+            identifier = entity.get("what", {}).get("identifier", {})
+            if isinstance(identifier, dict) and identifier.get("system"):
+                keys.append((profile, identifier["system"], str(identifier.get("value"))))
+        return keys
+
+    def _forget_oldest_audit_event(self) -> None:
+        """Drops the oldest stored AuditEvent and its index entries. Called with the lock held."""
+        oldest = next(iter(self._audit_by_id))
+        profile, resource = self._audit_by_id.pop(oldest)
+        for index in self._identifier_keys(profile, resource):
+            ids = self._audit_by_identifier.get(index, [])
+            if oldest in ids:
+                ids.remove(oldest)
+            if not ids:
+                self._audit_by_identifier.pop(index, None)
 
     def _matching_audit_events(
         self, profile: EhrProfile, system: str, value: str
@@ -1852,21 +2093,25 @@ class SandboxEhr:
             return denied or _outcome(401, "login", "unauthorized")
         if info.kind != "system" or not self._allowed_contexts(info.scopes, "AuditEvent", "read"):
             return _outcome(403, "forbidden", "Searching AuditEvent needs a system read scope")
-        params = [(k, v) for k, v in request.query_params.multi_items() if k != "_count"]
-        wanted = None
-        if len(params) == 1 and params[0][0] == "entity:identifier":
-            wanted = _identifier_search(f"entity:identifier={params[0][1]}")
-        if wanted is None:
-            return _outcome(400, "not-supported", "Search supports entity:identifier only")
+        try:
+            search = _AuditSearch.parse(request.query_params.multi_items(), profile.fhir_base)
+        except ValueError as exc:
+            return _outcome(400, "not-supported", str(exc))
         with self._lock:
-            matches = self._matching_audit_events(profile, *wanted)
+            stored = [r for name, r in self._audit_by_id.values() if name == profile.name]
+        matches = search.run(stored)
         bundle = {
             "resourceType": "Bundle",
             "type": "searchset",
             "total": len(matches),
+            "link": [{"relation": "self", "url": str(request.url)}],
             "entry": [
-                {"fullUrl": f"{profile.fhir_base}/AuditEvent/{m['id']}", "resource": m}
-                for m in matches
+                {
+                    "fullUrl": f"{profile.fhir_base}/AuditEvent/{m['id']}",
+                    "resource": m,
+                    "search": {"mode": "match"},
+                }
+                for m in matches[: search.count]
             ],
         }
         return Response(json.dumps(bundle), media_type=FHIR_JSON)
@@ -1901,8 +2146,9 @@ class SandboxEhr:
                 {"Message": f"Missing parameters: {', '.join(missing)}"}, status_code=400
             )
         with self._lock:
-            self.epic_status_calls.append(params)
-            profile.epic_status_calls.append(params)
+            _append_bounded(self.epic_status_calls, params, MAX_EPIC_CALLS)
+            _append_bounded(profile.epic_status_calls, params, MAX_EPIC_CALLS)
+            self._epic_log.append((self.clock(), profile.name, dict(params)))
         return JSONResponse({})
 
     # --- the human page ---------------------------------------------------------------------------
@@ -1911,7 +2157,31 @@ class SandboxEhr:
     def _config_param(profile: EhrProfile) -> str:
         return "config" if profile.name == "default" else f"config_{profile.name}"
 
+    def writebacks(self, profile: EhrProfile) -> dict[str, list[dict[str, str]]]:
+        """Per appointment id, what the connector wrote back to this profile (AuditEvents and
+        Epic connection-status calls), oldest first, at most ``WRITEBACKS_SHOWN`` each:
+        ``{"time", "kind", "text"}``."""
+        with self._lock:
+            events = [r for name, r in self._audit_by_id.values() if name == profile.name]
+            calls = [(t, params) for t, name, params in self._epic_log if name == profile.name]
+        found: dict[str, list[tuple[datetime, dict[str, str]]]] = {}
+        for event in events:
+            refs = {str(e.get("what", {}).get("reference")) for e in event.get("entity", [])}
+            for appt in profile.appointments():
+                if f"Appointment/{appt.id}" in refs or f"Encounter/{appt.encounter_id}" in refs:
+                    at = _recorded(event)
+                    found.setdefault(appt.id, []).append((at, _audit_line(event, at)))
+        for received, params in calls:
+            at = datetime.fromtimestamp(received, UTC)
+            for appt_id in _epic_call_appointments(params):
+                found.setdefault(appt_id, []).append((at, _epic_line(params, at)))
+        return {
+            appt: [line for _, line in sorted(lines, key=lambda x: x[0])][-WRITEBACKS_SHOWN:]
+            for appt, lines in found.items()
+        }
+
     def _profile_section(self, profile: EhrProfile, config_id: str | None) -> str:
+        writebacks = self.writebacks(profile)
         rows = []
         for appt in profile.appointments():
             patient = seed.PATIENTS[appt.patient_id]
@@ -1936,7 +2206,8 @@ class SandboxEhr:
                 f'<tr data-appointment="{html.escape(appt.id)}">'
                 f"<td>{appt.start():%H:%M}-{appt.end():%H:%M} UTC</td>"
                 f"<td>{html.escape(patient.name)}</td>"
-                f"<td>{html.escape(clinician.name)}</td><td>{kind}</td><td>{actions}</td></tr>"
+                f"<td>{html.escape(clinician.name)}</td><td>{kind}</td><td>{actions}</td>"
+                f"<td>{_writeback_list(profile, appt.id, writebacks.get(appt.id, []))}</td></tr>"
             )
         heading_id = f"profile-{profile.name}"
         return (
@@ -1949,8 +2220,63 @@ class SandboxEhr:
             f"(<code>ehrVendor</code> {html.escape(profile.vendor)})</p>"
             f'<table class="appointments" data-profile="{profile.name}"><thead><tr>'
             '<th scope="col">Time</th><th scope="col">Patient</th><th scope="col">Clinician</th>'
-            '<th scope="col">Type</th><th scope="col">Virtual visit</th></tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></section>"
+            '<th scope="col">Type</th><th scope="col">Virtual visit</th>'
+            '<th scope="col">Write-backs received (AuditEvent, Epic status)</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+            f"{self._group_section(profile, config_id)}</section>"
+        )
+
+    def _group_section(self, profile: EhrProfile, config_id: str | None) -> str:
+        """The group visit as its people launch it: each clinician, the interpreter and each
+        patient with their own button (one conference id, so one meeting)."""
+        if profile.spec.context == "encounter":
+            return ""  # Oracle Health's launch context names the encounter only
+        rows = []
+        for person in seed.group_visit_people():
+            if config_id:
+                url = profile.launch_url(
+                    config_id,
+                    appointment_id=person.appointment_id,
+                    user=person.user,
+                    practitioner_id=person.practitioner_id,
+                )
+                action = (
+                    f'<a class="group-launch" data-role="{person.user}" '
+                    f'data-person="{html.escape(person.person_id)}" '
+                    f'data-appointment="{html.escape(person.appointment_id)}" '
+                    f'data-profile="{profile.name}" href="{html.escape(url)}">'
+                    f"Start virtual visit as {html.escape(person.name)}</a>"
+                )
+            else:
+                action = "<em>set a config id above</em>"
+            rows.append(
+                f'<tr data-person="{html.escape(person.person_id)}">'
+                f"<td>{html.escape(person.name)}</td><td>{html.escape(person.part)}</td>"
+                f"<td><code>{html.escape(person.appointment_id)}</code></td><td>{action}</td></tr>"
+            )
+        heading_id = f"group-{profile.name}"
+        session = (
+            " The launch URL carries it as <code>sessionId</code>, as Epic's group-visit "
+            "integration record does."
+            if profile.spec.context == "epic"
+            else " The launch context carries it (fhirContext identifier)."
+        )
+        return (
+            f'<h3 id="{heading_id}">Group visit: conference '
+            f"<code>{html.escape(seed.CONFERENCE_ID)}</code></h3>"
+            "<p>Two clinicians, an interpreter and two patients; whoever launches first opens "
+            f"the meeting, everyone else reaches the same one.{session}</p>"
+            f'<table class="group-visit" data-profile="{profile.name}" '
+            f'aria-labelledby="{heading_id}"><thead><tr>'
+            '<th scope="col">Person</th><th scope="col">Part in the visit</th>'
+            '<th scope="col">Appointment</th><th scope="col">Virtual visit</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
+
+    async def _writebacks_json(self, request: Request) -> Response:
+        return JSONResponse(
+            {p.name: self.writebacks(p) for p in self._profiles.values()},
+            headers={"Cache-Control": "no-store"},
         )
 
     async def _home(self, request: Request) -> Response:
@@ -1968,4 +2294,106 @@ class SandboxEhr:
         sections = "".join(
             self._profile_section(p, configs[p.name]) for p in self._profiles.values()
         )
-        return _page("Sandbox EHR — today's appointments", form + sections)
+        note = (
+            '<p class="note">Write-backs show up as the connector sends them (this page asks '
+            'every few seconds; <a href="/writebacks">as JSON</a>). Search them like the '
+            "connector does: <code>GET {FHIR base}/AuditEvent?entity=Appointment/{id}"
+            "&amp;_sort=-date</code> with a backend-services token.</p>"
+            "<noscript><p>Reload the page to see new write-backs.</p></noscript>"
+        )
+        return _page(
+            "Sandbox EHR — today's appointments", form + note + sections + _WRITEBACK_SCRIPT
+        )
+
+
+def _person_name(reference: str | None) -> str:
+    """The seed person a reference names (the EHR knows its people), or a neutral label."""
+    kind, _, rid = (reference or "").partition("/")
+    if kind == "Practitioner" and rid in seed.PRACTITIONERS:
+        return seed.PRACTITIONERS[rid].name
+    if kind == "Patient" and rid in seed.PATIENTS:
+        return seed.PATIENTS[rid].name
+    return "a participant"
+
+
+def _audit_line(event: dict[str, Any], at: datetime) -> dict[str, str]:
+    agent = (event.get("agent") or [{}])[0]
+    who = _person_name(agent.get("who", {}).get("reference"))
+    codes = {str(c.get("code")) for c in event.get("subtype") or [] if isinstance(c, dict)}
+    what = "connected" if "110122" in codes else "disconnected" if "110123" in codes else "event"
+    outcome = str(event.get("outcome", "?"))
+    result = "success" if outcome == "0" else f"outcome {outcome}"
+    return {
+        "time": f"{at:%H:%M:%S}",
+        "kind": "auditevent",
+        "text": f"AuditEvent: {who} {what} ({event.get('outcomeDesc', '')}; {result})",
+    }
+
+
+def _epic_call_appointments(params: dict[str, Any]) -> list[str]:
+    """The appointments an Epic connection-status call is about: its ConferenceID is the
+    conference id, the appointment or the encounter; ExternalID narrows a group visit to the
+    patient's own appointment."""
+    lowered = {k.lower(): str(v) for k, v in params.items()}
+    conference, external = lowered.get("conferenceid", ""), lowered.get("externalid", "")
+    found = []
+    for appt in seed.APPOINTMENTS.values():
+        if conference not in (appt.id, appt.encounter_id, appt.conference_id):
+            continue
+        if external in seed.PATIENTS and external != appt.patient_id:
+            continue
+        found.append(appt.id)
+    return found
+
+
+def _epic_line(params: dict[str, Any], at: datetime) -> dict[str, str]:
+    lowered = {k.lower(): str(v) for k, v in params.items()}
+    external = lowered.get("externalid", "")
+    who = (
+        _person_name(f"Patient/{external}")
+        if external in seed.PATIENTS
+        else _person_name(f"Practitioner/{external}")
+    )
+    return {
+        "time": f"{at:%H:%M:%S}",
+        "kind": "epic",
+        "text": f"Epic SetExternalConnectionStatus: {lowered.get('connectionstatus', '?')} ({who})",
+    }
+
+
+def _writeback_list(profile: EhrProfile, appointment_id: str, lines: list[dict[str, str]]) -> str:
+    items = "".join(
+        f'<li data-kind="{html.escape(line["kind"])}"><time>{html.escape(line["time"])}</time> '
+        f"{html.escape(line['text'])}</li>"
+        for line in lines
+    )
+    return (
+        f'<ul class="writebacks" data-profile="{profile.name}" '
+        f'data-appointment="{html.escape(appointment_id)}" aria-live="polite">{items}</ul>'
+    )
+
+
+# Asks /writebacks every 3 s and refills each appointment's list (text only, no markup).
+_WRITEBACK_SCRIPT = """<script>
+(function(){
+  function fill(data){
+    document.querySelectorAll("ul.writebacks").forEach(function(ul){
+      var lines=((data[ul.dataset.profile]||{})[ul.dataset.appointment])||[];
+      if(ul.childElementCount===lines.length){return;}
+      ul.textContent="";
+      lines.forEach(function(line){
+        var li=document.createElement("li"),t=document.createElement("time");
+        li.dataset.kind=line.kind;t.textContent=line.time;
+        li.appendChild(t);li.appendChild(document.createTextNode(" "+line.text));
+        ul.appendChild(li);
+      });
+    });
+  }
+  function ask(){
+    fetch("/writebacks",{cache:"no-store"}).then(function(r){return r.ok?r.json():null;})
+      .then(function(d){if(d){fill(d);}}).catch(function(){})
+      .then(function(){setTimeout(ask,3000);});
+  }
+  setTimeout(ask,3000);
+})();
+</script>"""

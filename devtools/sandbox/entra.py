@@ -59,6 +59,7 @@ from devtools.sandbox._jose import SigningKey, b64url, hs256_jwt, unsigned_jwt
 
 __all__ = [
     "ADMIN_ROLE",
+    "AUDITOR_ROLE",
     "CONTOSO_TID",
     "DEFAULT_CLIENT_ID",
     "DEFAULT_CLIENT_SECRET",
@@ -79,6 +80,7 @@ __all__ = [
 DEFAULT_CLIENT_ID = "5d3c9a1e-7b24-4f0c-9a6e-2c8b1f4d7e90"
 DEFAULT_CLIENT_SECRET = "sandbox-dev-secret~not-for-production~7Qm2"
 ADMIN_ROLE = "Connector.Admin"
+AUDITOR_ROLE = "Connector.Auditor"  # read-only: configs, their history, usage reports
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
 GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
 GRAPH_CHANGE_TRACKING_APP_ID = "0bf30f3b-4a52-48df-9a82-234910c4a086"
@@ -173,10 +175,12 @@ def _make_user(
     upn_local: str | None = None,
     practitioner_id: str | None = None,
     persona: str | None = None,
+    roles: tuple[str, ...] | None = None,
 ) -> EntraUser:
     local = upn_local or f"{given}.{family}".lower()
     upn = f"{local}@{tenant.domain}"
-    roles = (ADMIN_ROLE,) if kind == "admin" else ()
+    if roles is None:
+        roles = (ADMIN_ROLE,) if kind == "admin" else ()
     return EntraUser(
         oid=str(uuid.uuid5(_NS, upn)),
         tid=tenant.tid,
@@ -219,6 +223,16 @@ def _seed_users() -> dict[str, EntraUser]:
             upn_local="it.lead",
             persona="admin-approver",
         ),
+        # Compliance: Connector.Auditor reads configurations, their history and the reports.
+        _make_user(
+            contoso,
+            "Thaddea",
+            "Wintermoor",
+            "staff",
+            upn_local="compliance",
+            persona="auditor",
+            roles=(AUDITOR_ROLE,),
+        ),
         # Signed in to the portal with no app role and named approver of nothing.
         _make_user(
             contoso, "Casimir", "Wendelboe", "staff", upn_local="front.desk", persona="no-role"
@@ -236,6 +250,7 @@ PORTAL_PERSONAS: dict[str, str] = {
     "admin": "Microsoft 365 admin (Connector.Admin): registers FHIR base URLs, names approvers",
     "approver": "EHR analyst: signs in to the EHR for a configuration, approves it",
     "admin-approver": "admin who is also the approver (Connector.Admin, names themselves)",
+    "auditor": "compliance (Connector.Auditor): reads configurations and usage reports",
     "no-role": "a user with no app role and no configuration to approve",
 }
 """The configuration portal's personas (``EntraUser.portal_persona``) and what each does."""

@@ -13,6 +13,7 @@ https://graph.microsoft.com, verified in process against the Entra stand-in's ke
     POST   /{v1.0|beta}/subscriptions/{id}/reauthorize
     GET    /{v1.0|beta}/users?$search="displayName:..."   directory search (delegated token with
                                                           User.ReadBasic.All, or app User.Read.All)
+    GET    /{v1.0|beta}/users?$filter=id in ('..','..')    users by object id (up to 15)
 
 Meeting page (what a person opens): each ``joinWebUrl`` is
 ``{graph_url}/l/meetup-join/19%3ameeting_{thread}%40thread.v2/0?context={"Tid","Oid"}`` like
@@ -1449,6 +1450,10 @@ class SandboxGraph:
         if search is not None:
             match = _parse_directory_search(search)
             users = [u for u in users if match(u)]
+        id_filter = params.get("$filter")
+        if id_filter is not None:  # "id in ('a','b')": at most 15 values, as Graph allows
+            ids = _parse_id_filter(id_filter)
+            users = [u for u in users if u.oid in ids]
         order = params.get("$orderby", "")
         if order:
             if order.strip().lower() not in ("displayname", "displayname asc", "displayname desc"):
@@ -1519,7 +1524,8 @@ class SandboxGraph:
             )
         organizer = self.entra.users[meeting.organizer_oid]
         staff_options = "".join(
-            f'<option value="{u.oid}">{html.escape(u.display_name)}</option>'
+            f'<option value="{u.oid}">{html.escape(u.display_name)} '
+            f"({html.escape(_persona(u))})</option>"
             for u in self.entra.users_in(meeting.tid)
             if u.oid != organizer.oid
         )
@@ -1527,7 +1533,8 @@ class SandboxGraph:
             f'<form class="join-organizer" method="post" action="{action}">'
             '<input type="hidden" name="role" value="organizer">'
             f'<button type="submit" class="join" data-role="organizer">Join as organizer '
-            f"({html.escape(organizer.display_name)})</button></form>"
+            f"({html.escape(organizer.display_name)}, {html.escape(_persona(organizer))}: the "
+            "clinician whose launch created this meeting)</button></form>"
             f'<form class="join-staff" method="post" action="{action}">'
             '<input type="hidden" name="role" value="staff">'
             f'<select name="oid" class="staff-user">{staff_options}</select> '
@@ -1584,6 +1591,16 @@ class SandboxGraph:
             self.leave(meeting.id, participant_id)
         return RedirectResponse(self._page_url(meeting, participant_id), status_code=303)
 
+    def _who(self, participant: Participant) -> str:
+        """Who a participant is, for the meeting page: their part and, for staff, persona."""
+        if participant.role == "guest":
+            return "guest: a patient or family member, joined from the browser without an account"
+        user = self.entra.users.get(participant.oid or "")
+        persona = _persona(user) if user is not None else "staff"
+        if participant.role == "organizer":
+            return f"organizer, {persona}: their launch created the meeting"
+        return f"staff, {persona}: same organization, joined without the lobby"
+
     async def _meeting_page(self, request: Request) -> Response:
         meeting = self.meetings.get(request.path_params["meeting_id"])
         if meeting is None:
@@ -1597,7 +1614,9 @@ class SandboxGraph:
         head = ""
         parts = [
             f'<div class="participant-state" data-state="{me.state}" '
-            f'data-participant-id="{me.id}" data-role="{me.role}">'
+            f'data-participant-id="{me.id}" data-role="{me.role}">',
+            f'<p class="you">You are {html.escape(me.display_name)}: '
+            f"{html.escape(self._who(me))}.</p>",
         ]
         if me.state == "lobby":
             head = '<meta http-equiv="refresh" content="2">'
@@ -1621,7 +1640,9 @@ class SandboxGraph:
         if me.state == "in_meeting":
             roster = "".join(
                 f'<li class="participant" data-participant-id="{p.id}" data-role="{p.role}" '
-                f'data-state="{p.state}">{html.escape(p.display_name)} ({p.role})</li>'
+                f'data-state="{p.state}">{html.escape(p.display_name)} '
+                f'<span class="who">({html.escape(self._who(p))})</span>'
+                f"{' <strong>(you)</strong>' if p.id == me.id else ''}</li>"
                 for p in meeting.in_call()
             )
             parts.append(f'<h2>In the meeting</h2><ul class="roster">{roster}</ul>')
@@ -1630,6 +1651,7 @@ class SandboxGraph:
                 items = "".join(
                     f'<li class="lobby-participant" data-participant-id="{p.id}">'
                     f"{html.escape(p.display_name)} "
+                    f'<span class="who">({html.escape(self._who(p))})</span> '
                     f'<form class="admit" method="post" action="{html.escape(base)}/admit">'
                     f'<input type="hidden" name="by" value="{me.id}">'
                     f'<input type="hidden" name="participant" value="{p.id}">'
@@ -1642,6 +1664,15 @@ class SandboxGraph:
         return HTMLResponse(
             _page("Teams meeting (sandbox)", f"<h2>{title}</h2>" + "".join(parts), head=head)
         )
+
+
+def _persona(user: Any) -> str:
+    """A sandbox Entra user's persona: their part in the EHR seed (clinician, interpreter,
+    analyst) where they have one, else their kind (admin, approver, staff)."""
+    from devtools.sandbox import seed
+
+    practitioner = seed.PRACTITIONERS.get(getattr(user, "ehr_practitioner_id", None) or "")
+    return practitioner.role if practitioner is not None else str(getattr(user, "kind", "staff"))
 
 
 def _clone(delivery: Delivery) -> Delivery:
@@ -1693,6 +1724,17 @@ def _tokens(text: str) -> list[str]:
     """Graph tokenizes displayName on spaces, symbols and lower-to-upper case changes."""
     spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", text)
     return [t for t in re.split(r"[^0-9A-Za-zÀ-ÿ]+", spaced.lower()) if t]
+
+
+_ID_FILTER = re.compile(r"^\s*id\s+in\s*\((?P<ids>[^)]*)\)\s*$", re.IGNORECASE)
+
+
+def _parse_id_filter(text: str) -> set[str]:
+    match = _ID_FILTER.match(text)
+    ids = [v.strip() for v in match.group("ids").split(",")] if match else []
+    if not match or not ids or len(ids) > 15 or not all(re.fullmatch(r"'[^']+'", v) for v in ids):
+        raise _ApiError(400, "Request_UnsupportedQuery", f"Unsupported query: '{text}'.")
+    return {v[1:-1] for v in ids}
 
 
 def _parse_directory_search(search: str) -> Callable[[Any], bool]:

@@ -19,16 +19,19 @@ __all__ = [
     "CONFERENCE_ID_SYSTEM",
     "ENCOUNTERS",
     "GROUP_APPOINTMENT_IDS",
+    "GROUP_CO_CLINICIAN_ID",
     "INTERPRETER_ID",
     "MRN_SYSTEM",
     "PATIENTS",
     "PRACTITIONERS",
     "SENSITIVE_VALUES",
+    "GroupVisitPerson",
     "SeedAppointment",
     "SeedPatient",
     "SeedPractitioner",
     "appointment_resource",
     "encounter_resource",
+    "group_visit_people",
     "patient_resource",
     "practitioner_resource",
 ]
@@ -79,7 +82,8 @@ class SeedAppointment:
     visit_type: str
     encounter_id: str | None = None
     conference_id: str | None = None
-    other_practitioners: tuple[str, ...] = field(default_factory=tuple)
+    other_practitioners: tuple[str, ...] = field(default_factory=tuple)  # interpreters
+    co_clinicians: tuple[str, ...] = field(default_factory=tuple)  # secondary performers
 
     def start(self, day: date | None = None) -> datetime:
         day = day or datetime.now(UTC).date()
@@ -137,6 +141,7 @@ PATIENTS: dict[str, SeedPatient] = {
 # --- today's schedule (times in UTC) -------------------------------------------------------------
 
 CONFERENCE_ID = "conf-58d1e7a4"
+GROUP_CO_CLINICIAN_ID = "prac-c41d6a05"  # the group visit's second clinician
 GROUP_APPOINTMENT_IDS: list[str] = ["appt-d4e8b217", "appt-e2f9a6c3"]
 
 APPOINTMENTS: dict[str, SeedAppointment] = {
@@ -165,8 +170,8 @@ APPOINTMENTS: dict[str, SeedAppointment] = {
             "Video visit - medication review",
             encounter_id="enc-b7e3190d",
         ),
-        # Group visit: a family session, two appointments sharing one conference, plus an
-        # interpreter.
+        # Group visit: a family session, two appointments (two patients) sharing one
+        # conference, two clinicians and an interpreter.
         SeedAppointment(
             "appt-d4e8b217",
             "prac-2b8e4d17",
@@ -178,6 +183,7 @@ APPOINTMENTS: dict[str, SeedAppointment] = {
             encounter_id="enc-2d6a9e57",
             conference_id=CONFERENCE_ID,
             other_practitioners=(INTERPRETER_ID,),
+            co_clinicians=(GROUP_CO_CLINICIAN_ID,),
         ),
         SeedAppointment(
             "appt-e2f9a6c3",
@@ -189,12 +195,62 @@ APPOINTMENTS: dict[str, SeedAppointment] = {
             "Group video visit - family session",
             conference_id=CONFERENCE_ID,
             other_practitioners=(INTERPRETER_ID,),
+            co_clinicians=(GROUP_CO_CLINICIAN_ID,),
         ),
     )
 }
 ENCOUNTERS: dict[str, str] = {  # encounter id -> appointment id
     a.encounter_id: a.id for a in APPOINTMENTS.values() if a.encounter_id
 }
+
+
+@dataclass(frozen=True)
+class GroupVisitPerson:
+    """Someone of the group visit and how they launch it."""
+
+    person_id: str  # the Practitioner or Patient id
+    name: str
+    part: str  # their part in the visit, as the EHR page shows it
+    appointment_id: str  # the appointment they launch from
+    user: Literal["clinician", "patient"]
+    practitioner_id: str | None  # the practitioner a staff launch is for
+
+
+def group_visit_people() -> list[GroupVisitPerson]:
+    """The group visit's two clinicians, interpreter and two patients (one conference)."""
+    first, second = (APPOINTMENTS[a] for a in GROUP_APPOINTMENT_IDS)
+    people = [
+        GroupVisitPerson(
+            first.practitioner_id,
+            PRACTITIONERS[first.practitioner_id].name,
+            "clinician (primary performer)",
+            first.id,
+            "clinician",
+            first.practitioner_id,
+        )
+    ]
+    for co in first.co_clinicians:
+        people.append(
+            GroupVisitPerson(co, PRACTITIONERS[co].name, "clinician", first.id, "clinician", co)
+        )
+    for other in second.other_practitioners:
+        people.append(
+            GroupVisitPerson(
+                other, PRACTITIONERS[other].name, "interpreter", second.id, "clinician", other
+            )
+        )
+    for appt in (first, second):
+        people.append(
+            GroupVisitPerson(
+                appt.patient_id,
+                PATIENTS[appt.patient_id].name,
+                "patient",
+                appt.id,
+                "patient",
+                None,
+            )
+        )
+    return people
 
 
 def _sensitive() -> list[str]:
@@ -295,6 +351,26 @@ def appointment_resource(a: SeedAppointment, day: date | None = None) -> dict[st
             "status": "accepted",
         },
     ]
+    for co_id in a.co_clinicians:
+        co = PRACTITIONERS[co_id]
+        participants.append(
+            {
+                "type": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": "SPRF",
+                                "display": "secondary performer",
+                            }
+                        ]
+                    }
+                ],
+                "actor": {"reference": f"Practitioner/{co.id}", "display": co.name},
+                "required": "required",
+                "status": "accepted",
+            }
+        )
     for other_id in a.other_practitioners:
         other = PRACTITIONERS[other_id]
         participants.append(
