@@ -110,8 +110,7 @@ def test_walkthrough_visit_page_and_device_check(fresh_stack: Stack, config: Ten
         meeting_tab = driver.current_window_handle
         driver.get(join_url)
         driver.find_element(By.CSS_SELECTOR, 'button.join[data-role="organizer"]').click()
-        admit = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.admit")))
-        admit.click()
+        wait.until(lambda d: _click(d, "button.admit"))
         driver.switch_to.window(visit_tab)
         connected = 'li[data-role="patient"][data-status="connected"]'
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, connected))
@@ -120,7 +119,7 @@ def test_walkthrough_visit_page_and_device_check(fresh_stack: Stack, config: Ten
 
         # 4. The patient leaves: left.
         driver.switch_to.window(patient_tab)
-        wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "button.leave"))).click()
+        wait.until(lambda d: _click(d, "button.leave"))  # the meeting page refreshes itself
         driver.switch_to.window(visit_tab)
         left = 'li[data-role="patient"][data-status="left"]'
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, left))
@@ -159,3 +158,23 @@ def test_walkthrough_visit_page_and_device_check(fresh_stack: Stack, config: Ten
         assert any("clinician connected" in line for line in audit_lines(driver))
         driver.save_screenshot(str(SHOTS / "walkthrough-11-ehr-writebacks.png"))
     assert waited < 2.5
+
+
+def _click(driver: object, selector: str) -> bool:
+    """Click ``selector`` once it is there; False (try again) while the page is reloading."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
+    from selenium.webdriver.common.by import By
+
+    try:
+        driver.find_element(By.CSS_SELECTOR, selector).click()  # type: ignore[attr-defined]
+    except (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        ElementClickInterceptedException,
+    ):
+        return False
+    return True
