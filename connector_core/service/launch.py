@@ -158,9 +158,11 @@ class LaunchCache:
     * EHR user -> Entra mappings for ``mapping_ttl`` (5 min): a mapping only changes when the
       old Entra user stopped working, which Graph reports (404) on the next meeting call; the
       launch then re-reads the table before asking the clinician to sign in again;
-    * visit key -> the meeting's join URL for ``visit_ttl`` (10 min, at most ``max_visits``), as
-      stored in the visit row, which never changes it once written: a patient whose visit this
-      worker has read or created needs no visit read.
+    * visit key -> the visit as this worker last read or wrote it, for ``visit_ttl`` (10 min,
+      at most ``max_visits``). Its join URL never changes once written: a patient whose visit
+      this worker has seen needs no visit read. A clinician's repeat launch uses the copy only
+      when it also settles the subscription question (asked a moment ago, or live as read);
+      otherwise the launch reads the row, which is the only place the worker's result shows.
 
     Negative results are never cached (a first-time clinician is looked up every time, a visit
     without its meeting is read again).
@@ -184,7 +186,7 @@ class LaunchCache:
         self._visit_ttl = visit_ttl
         self._config_items: TtlCache[str, TenantConfig] = TtlCache(clock=clock)
         self._mapping_items: TtlCache[str, EhrUserMapping] = TtlCache(clock=clock)
-        self._join_urls: TtlCache[str, str] = TtlCache(max_items=max_visits, clock=clock)
+        self._visits: TtlCache[str, Visit] = TtlCache(max_items=max_visits, clock=clock)
 
     def config_record(self, config_id: str) -> TenantConfig:
         """The config whatever its status (write-back also serves visits of changed configs)."""
@@ -230,16 +232,21 @@ class LaunchCache:
 
     def join_url(self, visit_key: str) -> str | None:
         """The visit's meeting join URL as stored, when this worker saw it recently."""
-        cached = self._join_urls.get(visit_key)
-        return cached if isinstance(cached, str) else None
+        visit = self.visit(visit_key)
+        return visit.join_web_url if visit is not None else None
+
+    def visit(self, visit_key: str) -> Visit | None:
+        """The visit as this worker last read or wrote it (recently), with its meeting."""
+        cached = self._visits.get(visit_key)
+        return cached if isinstance(cached, Visit) else None
 
     def remember_visit(self, visit: Visit) -> None:
-        """Keep a stored visit's join URL (read from, or just written to, the table)."""
+        """Keep a stored visit (read from, or just written to, the table) that has its meeting."""
         if visit.join_web_url:
-            self._join_urls.put(visit.visit_key, visit.join_web_url, ttl=self._visit_ttl)
+            self._visits.put(visit.visit_key, visit, ttl=self._visit_ttl)
 
     def forget_visit(self, visit_key: str) -> None:
-        self._join_urls.forget(visit_key)
+        self._visits.forget(visit_key)
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -826,6 +833,16 @@ def _get_visit(container: Container, key: str) -> Visit | None:
     return visit
 
 
+def _subscription_settled(container: Container, visit: Visit) -> bool:
+    """Whether a launch of ``visit`` has nothing to ask about its subscription: live as read,
+    or asked for a moment ago by its creator (see ``_subscription_if_missing``)."""
+    now = container.clock()
+    live = visit.subscription_id is not None and (
+        visit.subscription_expires_at is None or visit.subscription_expires_at > now
+    )
+    return live or now - visit.created_at < SUBSCRIPTION_GRACE
+
+
 def _subscription_if_missing(
     container: Container, visit: Visit, *, fresh_visit: bool = False
 ) -> None:
@@ -882,6 +899,13 @@ def _open_meeting(container: Container, pending: _Pending, *, organizer_oid: str
         raise _graph_page_error(error) from None
     _safe_location(container, meeting.join_web_url, "meeting link")
     if not meeting.created and not read_first:
+        known = container.launch_cache.visit(pending.visit_key)
+        if (
+            known is not None
+            and known.join_web_url == meeting.join_web_url
+            and _subscription_settled(container, known)
+        ):
+            return known  # a repeat launch on a worker that has seen the visit: no read
         # Another launch of this visit may have created the meeting a moment ago and not yet
         # written the visit: then this launch writes it (a create that loses is harmless).
         existing = _get_visit(container, pending.visit_key)

@@ -183,7 +183,7 @@ def test_the_join_url_cache_is_bounded_and_expires() -> None:
     assert cache.join_url("a") is None  # 10 minutes
     for key in "bcde":
         cache.remember_visit(visit(key))
-    assert len(cache._join_urls._items) <= 3  # type: ignore[attr-defined]
+    assert len(cache._visits._items) <= 3  # type: ignore[attr-defined]
     cache.remember_visit(visit("x").model_copy(update={"join_web_url": None}))
     assert cache.join_url("x") is None  # a visit without its meeting is never remembered
 

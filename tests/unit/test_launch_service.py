@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -315,12 +316,31 @@ def test_repeat_clinician_new_visit_warm_path_is_two_table_operations(world: Wor
     assert world.graph.calls == ["createOrGet"]
     assert world.run_subscription_worker() == 1
     assert world.graph.calls == ["createOrGet", "subscription"]
-    # and when the meeting exists: nonce, visit read; createOrGet only, nothing queued
+    # and when the meeting exists, on the worker that just created it: the nonce only (its
+    # subscription was asked for a moment ago); createOrGet, nothing queued
     world.graph.calls.clear()
     before = world.ops
     world.launch()
-    assert world.ops - before == 2
+    assert world.ops - before == 1
     assert world.graph.calls == ["createOrGet"]
+    assert world.run_subscription_worker() == 0
+
+
+def test_repeat_launch_reads_the_visit_when_its_copy_cannot_settle_the_subscription(
+    world: World,
+) -> None:
+    world.map_clinician()
+    world.launch()
+    assert world.run_subscription_worker() == 1  # the row has the subscription, the copy not
+    start = world.container.clock()
+    world.container.clock = lambda: start + timedelta(minutes=2)  # past the grace
+    before = world.ops
+    world.launch()
+    assert world.ops - before == 2  # nonce and the visit read, which shows it live
+    assert world.run_subscription_worker() == 0  # nothing asked again
+    before = world.ops
+    world.launch()
+    assert world.ops - before == 1  # the copy now settles it
     assert world.run_subscription_worker() == 0
 
 
