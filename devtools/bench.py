@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,8 +145,33 @@ def third_party_modules() -> list[str]:
     return list(json.loads(out))
 
 
-def cold_start(runs: int = 7) -> dict[str, Any]:
-    modules = third_party_modules()
+# What the deployment package holds besides the source: hash-checked bytecode of the app's own
+# code (infra/hooks/prepackage.sh), as pip leaves it for the third-party packages. A package
+# mounted read-only cannot cache what it compiles, so without it every cold start compiles.
+APP_CODE = ("function_app.py", "functions", "connector_core")
+
+
+def _own_pycache_dirs() -> set[Path]:
+    found = {p for name in APP_CODE[1:] for p in (REPO_ROOT / name).rglob("__pycache__")}
+    return found | ({REPO_ROOT / "__pycache__"} if (REPO_ROOT / "__pycache__").exists() else set())
+
+
+def compile_app_bytecode() -> list[Path]:
+    """Compile the app's code as the deployment does; returns the ``__pycache__`` dirs made."""
+    before = _own_pycache_dirs()
+    subprocess.run(
+        [
+            sys.executable,
+            *("-m", "compileall", "-q", "--invalidation-mode", "checked-hash"),
+            *APP_CODE,
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+    )
+    return sorted(_own_pycache_dirs() - before)
+
+
+def _import_times(modules: list[str], runs: int) -> tuple[list[float], ...]:
     baseline = f"import importlib\nfor m in {modules!r}: importlib.import_module(m)"
     # interleaved, so a busy moment of the machine weighs on both sides alike
     app_ms, app_rss, base_ms, base_rss = [], [], [], []
@@ -156,6 +182,22 @@ def cold_start(runs: int = 7) -> dict[str, Any]:
         t, r = _measure_import(baseline, 1)
         base_ms.append(t)
         base_rss.append(r)
+    return app_ms, app_rss, base_ms, base_rss
+
+
+def cold_start(runs: int = 7) -> dict[str, Any]:
+    modules = third_party_modules()
+    # First the checkout as it is (without bytecode, as `make` runs it, every module of the app
+    # is compiled at import), then as the deployment package holds it: the budget applies to
+    # what Azure runs.
+    source_ms, _, source_base_ms, _ = _import_times(modules, runs)
+    made = compile_app_bytecode()
+    try:
+        app_ms, app_rss, base_ms, base_rss = _import_times(modules, runs)
+    finally:
+        for directory in made:
+            shutil.rmtree(directory, ignore_errors=True)
+    s_ratio = statistics.median(source_ms) / statistics.median(source_base_ms)
     a_ms, a_rss = statistics.median(app_ms), statistics.median(app_rss)
     b_ms, b_rss = statistics.median(base_ms), statistics.median(base_rss)
     heavy = subprocess.run(
@@ -176,6 +218,14 @@ def cold_start(runs: int = 7) -> dict[str, Any]:
             figure("import function_app", round(a_ms, 1), "ms", "-", True),
             figure("import third-party deps only", round(b_ms, 1), "ms", "-", True),
             figure("import time ratio", round(a_ms / b_ms, 2), "x", "<= 1.2", a_ms / b_ms <= 1.2),
+            figure(
+                "import function_app, checkout as is",
+                round(statistics.median(source_ms), 1),
+                "ms",
+                "-",
+                True,
+            ),
+            figure("import time ratio, checkout as is", round(s_ratio, 2), "x", "-", True),
             figure("peak RSS function_app", round(a_rss, 1), "MiB", "-", True),
             figure("peak RSS third-party deps only", round(b_rss, 1), "MiB", "-", True),
             figure("peak RSS ratio", round(a_rss / b_rss, 2), "x", "<= 1.5", a_rss / b_rss <= 1.5),
@@ -190,6 +240,8 @@ def cold_start(runs: int = 7) -> dict[str, Any]:
         "imports": {
             "runs": runs,
             "function_app_ms": app_ms,
+            "function_app_checkout_ms": source_ms,
+            "baseline_with_checkout_ms": source_base_ms,
             "baseline_ms": base_ms,
             "function_app_rss_mib": app_rss,
             "baseline_rss_mib": base_rss,

@@ -238,8 +238,43 @@ def test_azd_project_wiring() -> None:
     assert set(params) <= declared
     app = (INFRA / "app" / "function-app.bicep").read_text(encoding="utf-8")
     assert "'azd-service-name': 'api'" in app
-    for hook in ("preprovision.sh", "postprovision.sh"):
+    for hook in ("preprovision.sh", "postprovision.sh", "prepackage.sh"):
         assert (INFRA / "hooks" / hook).is_file()
+    assert re.search(
+        r"^    hooks:\n      prepackage:\n.*\n        run: infra/hooks/prepackage.sh$",
+        azure_yaml,
+        re.M,
+    )
+
+
+def test_the_package_carries_hash_checked_bytecode(tmp_path: Path) -> None:
+    """The prepackage hook compiles the app's code to bytecode Python trusts whatever the files'
+    times in the package, and .funcignore lets it into the package."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(INFRA / "hooks", tmp_path / "infra" / "hooks")
+    shutil.copy(REPO_ROOT / "function_app.py", tmp_path)
+    for name in ("functions", "connector_core"):
+        shutil.copytree(
+            REPO_ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    subprocess.run(
+        ["sh", str(tmp_path / "infra" / "hooks" / "prepackage.sh")],
+        check=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        capture_output=True,
+    )
+    compiled = list((tmp_path / "connector_core").rglob("*.pyc"))
+    sources = list((tmp_path / "connector_core").rglob("*.py"))
+    assert len(compiled) == len(sources)
+    assert list((tmp_path / "__pycache__").glob("function_app.*.pyc"))
+    for pyc in compiled:
+        flags = int.from_bytes(pyc.read_bytes()[4:8], "little")
+        assert flags == 0b11, pyc  # hash-based, checked (PEP 552)
+    ignored = (REPO_ROOT / ".funcignore").read_text(encoding="utf-8").split()
+    assert "__pycache__" not in ignored
 
 
 def test_flex_consumption_python_311_with_parameters() -> None:
