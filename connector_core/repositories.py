@@ -1008,9 +1008,10 @@ class ReportRepository:
                     yield summary
             month = (month + timedelta(days=32)).replace(day=1)
 
-    def delete_before(self, day: date) -> int:
+    def delete_before(self, day: date, *, limit: int | None = None) -> int:
         """Delete every tenant's summaries of days before ``day`` (the retention purge calls
-        this with today minus ``CONNECTOR_REPORT_RETENTION_DAYS``). Returns how many."""
+        this with today minus ``CONNECTOR_REPORT_RETENTION_DAYS``), at most about ``limit`` of
+        them (whole transactions; the rest waits for the next call). Returns how many."""
         cutoff_month = f"{day:%Y-%m}"
         deleted = 0
         months = list(
@@ -1019,12 +1020,18 @@ class ReportRepository:
             )
         )
         for index in months:
+            if limit is not None and deleted >= limit:
+                break
             month, _, tenant_id = str(index["RowKey"]).partition("|")
             pk = f"{tenant_id}|{month}"
             batch: list[TransactionOp] = []
+            complete = True
             for entity in self._store.iter_entities(
                 self._table, partition_key=pk, row_key_to=day.isoformat()
             ):  # deleted 100 at a time as the pages come: a month is never held at once
+                if limit is not None and deleted + len(batch) >= limit:
+                    complete = False
+                    break
                 batch.append(
                     TransactionOp("delete", {"PartitionKey": pk, "RowKey": entity["RowKey"]})
                 )
@@ -1034,7 +1041,7 @@ class ReportRepository:
             if batch:
                 self._store.submit_transaction(self._table, batch)
                 deleted += len(batch)
-            if month < cutoff_month:  # the whole month is gone
+            if complete and month < cutoff_month:  # the whole month is gone
                 self._store.delete_entity(self._table, self._INDEX, str(index["RowKey"]))
                 with self._lock:
                     self._indexed.discard(str(index["RowKey"]))

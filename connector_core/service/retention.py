@@ -214,6 +214,6 @@ def _mappings(container: Container, report: RetentionReport, limit: int) -> None
 def _reports(container: Container, report: RetentionReport, limit: int) -> None:
     day = (container.clock() - timedelta(days=container.settings.report_retention_days)).date()
     try:
-        report.reports += container.reports.delete_before(day)
+        report.reports += container.reports.delete_before(day, limit=limit)
     except (ConcurrencyConflictError, NotFoundError):
         report.raced += 1  # another instance deleted the same month first; the next run ends it

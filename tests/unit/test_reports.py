@@ -314,6 +314,20 @@ def test_delete_before_removes_old_days_of_every_tenant() -> None:
     assert repo.delete_before(date(2025, 3, 15)) == 0
 
 
+def test_delete_before_is_bounded_per_call_and_finishes_later() -> None:
+    container = in_memory_container()
+    repo = container.reports
+    repo.put_many(
+        [_summary(TENANT_A, date(2025, 1, 1) + timedelta(days=i), i) for i in range(120)]
+        + [_summary(TENANT_B, date(2025, 2, 10), 500)]
+    )
+    done = [repo.delete_before(date(2025, 3, 15), limit=30) for _ in range(4)]
+    assert done == [30, 30, 14, 0]  # 74 old summaries, at most 30 a call
+    left = list(repo.iter_range(TENANT_A, date(2025, 1, 1), date(2025, 12, 31)))
+    assert left[0].day == date(2025, 3, 15) and len(left) == 120 - 73
+    assert list(repo.iter_range(TENANT_B, date(2025, 1, 1), date(2025, 12, 31))) == []
+
+
 def test_csv_quotes_commas_quotes_and_line_breaks() -> None:
     rows = [("plain", 'say "hi"', "a,b", "line\nbreak", "")]
     text = "".join(service.csv_rows(rows, header=("a", "b", "c", "d", "e")))
