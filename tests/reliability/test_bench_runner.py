@@ -52,7 +52,11 @@ def test_cold_start_section_runs_and_writes_json(tmp_path: Path) -> None:
     document = json.loads(out.read_text())
     names = {f["name"]: f for f in document["figures"]}
     assert {"import time ratio", "peak RSS ratio", "heavy modules at import"} <= set(names)
-    assert all(f["budget"] != "-" or f["name"].endswith("deps only") for f in document["figures"])
+    unbudgeted = ("deps only", "checkout as is")  # the references, and the checkout's figures
+    assert all(f["budget"] != "-" or f["name"].endswith(unbudgeted) for f in document["figures"])
+    assert {"import function_app, checkout as is", "import time ratio, checkout as is"} <= set(
+        names
+    )
     assert names["heavy modules at import"]["value"] == 0 and names["heavy modules at import"]["ok"]
     assert document["machine"]["cpus"] and document["raw"]["cold start"]["imports"]["runs"] == 3
     # ratios may miss on a very busy machine: the exit code says so, the table marks it
