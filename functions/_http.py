@@ -115,6 +115,35 @@ color:#222}}h1{{font-size:1.4rem}}.cid{{color:#666;font-size:.85rem}}</style></h
     )
 
 
+def inline_script(name: str, nonce: str) -> str:
+    """A packaged script inlined with the page's CSP nonce (no separate request, no 'self')."""
+    from connector_core.service.portal_web.render import static_file
+
+    found = static_file(name)
+    source = (found[0].decode() if found else "").replace("</", "<\\/")  # cannot end the element
+    return f'<script nonce="{nonce}">\n{source}\n</script>'
+
+
+def page_response(
+    body: str, *, locale: str, csp: str, headers: dict[str, str] | None = None
+) -> func.HttpResponse:
+    """A 200 page for people (the visit page, the device check): never cached, no referrer."""
+    return func.HttpResponse(
+        body,
+        status_code=200,
+        mimetype="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Language": locale,
+            "Content-Security-Policy": csp,
+            "Referrer-Policy": "no-referrer",
+            "X-Content-Type-Options": "nosniff",
+            **(headers or {}),
+        },
+    )
+
+
 def read_json_body(req: func.HttpRequest) -> Any:
     """The request's JSON body; ``InvalidInputError``/``PayloadTooLargeError`` when unusable."""
     from connector_core.errors import InvalidInputError

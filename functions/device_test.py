@@ -14,7 +14,7 @@ import secrets
 
 import azure.functions as func
 
-from functions._http import browser, container
+from functions._http import browser, container, inline_script, page_response
 
 bp = func.Blueprint()
 
@@ -30,32 +30,21 @@ _CSP = (
 def device_test(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.logs import correlation_id
     from connector_core.service.portal_web import public
-    from connector_core.service.portal_web.render import static_file
     from connector_core.service.portal_web.visit_pages import device_test_html
 
     config_id = req.route_params.get("configId", "")
     container().launch_cache.config(config_id)  # cached; NotFound / not approved: error page
     locale, _ = public.locale_for(req.headers, req.params)
     nonce = secrets.token_urlsafe(18)
-    found = static_file("device_test.js")
-    source = (found[0].decode() if found else "").replace("</", "<\\/")
     page = device_test_html(
         locale=locale,
-        script=f'<script nonce="{nonce}">\n{source}\n</script>',
+        script=inline_script("device_test.js", nonce),
         correlation_id=correlation_id(),
         page_url=f"/api/device-test/{config_id}",
     )
-    return func.HttpResponse(
+    return page_response(
         page,
-        status_code=200,
-        mimetype="text/html",
-        charset="utf-8",
-        headers={
-            "Cache-Control": "no-store",
-            "Content-Language": locale,
-            "Content-Security-Policy": _CSP.format(nonce=nonce),
-            "Permissions-Policy": "camera=(self), microphone=(self), geolocation=()",
-            "Referrer-Policy": "no-referrer",
-            "X-Content-Type-Options": "nosniff",
-        },
+        locale=locale,
+        csp=_CSP.format(nonce=nonce),
+        headers={"Permissions-Policy": "camera=(self), microphone=(self), geolocation=()"},
     )

@@ -35,7 +35,9 @@ from functions._http import (
     api,
     browser,
     container,
+    inline_script,
     json_response,
+    page_response,
     problem_response,
     request_correlation_id,
 )
@@ -167,14 +169,6 @@ _PAGE_CSP = (
 )
 
 
-def _inline_script(name: str, nonce: str) -> str:
-    from connector_core.service.portal_web.render import static_file
-
-    found = static_file(name)
-    source = (found[0].decode() if found else "").replace("</", "<\\/")  # cannot end the element
-    return f'<script nonce="{nonce}">\n{source}\n</script>'
-
-
 @bp.route(route="visits/{visitKey}", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @browser
 def visit_page(req: func.HttpRequest) -> func.HttpResponse:
@@ -198,23 +192,11 @@ def visit_page(req: func.HttpRequest) -> func.HttpResponse:
         web_link=join,
         events_url=f"{base}/events",
         poll_url=f"{base}/participants",
-        script=_inline_script("visit_page.js", nonce),
+        script=inline_script("visit_page.js", nonce),
         correlation_id=correlation_id(),
         page_url=base,
     )
-    return func.HttpResponse(
-        page,
-        status_code=200,
-        mimetype="text/html",
-        charset="utf-8",
-        headers={
-            "Cache-Control": "no-store",
-            "Content-Language": locale,
-            "Content-Security-Policy": _PAGE_CSP.format(nonce=nonce),
-            "Referrer-Policy": "no-referrer",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    return page_response(page, locale=locale, csp=_PAGE_CSP.format(nonce=nonce))
 
 
 def _event(view: dict[str, Any], version: str) -> str:
