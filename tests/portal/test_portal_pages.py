@@ -375,8 +375,28 @@ def test_the_signin_answer_works_once_and_only_in_the_browser_that_started_it(
     # the same answer with the same sign-in cookie, replayed: refused (single use)
     replayed = httpx.get(callback, cookies={"__Host-vv-portal-signin": started})
     assert replayed.status_code == 409 and "works only once" in replayed.text
+    # a reload of the answer after signing in (the cookie is gone by then) says so too, and
+    # what to do: not "another browser"
+    reloaded = admin.client.get(callback)
+    assert reloaded.status_code == 409 and "already completed" in reloaded.text
+    assert "did not start in this browser" not in reloaded.text
+    assert "you are signed in" in reloaded.text
     denied = thief.client.get(f"{stack.portal}/signin-callback?error=access_denied&state=x")
     assert denied.status_code == 401
+
+
+def test_a_late_signin_answer_says_it_expired(stack: Stack, person: Person) -> None:
+    container = stack.container()
+    expired = container.keyring.seal("portal-signin", {"flow": {"state": "s"}}, ttl_seconds=-1)
+    late = httpx.get(
+        f"{stack.portal}/signin-callback?code=c&state=s",
+        cookies={"__Host-vv-portal-signin": expired},
+    )
+    assert late.status_code == 401 and "has expired" in late.text
+    assert "did not start in this browser" not in late.text
+    # the cookie outlives the sealed flow (10 minutes), so a late answer still carries it
+    start = person().client.get(f"{stack.portal}/signin", follow_redirects=False)
+    assert "Max-Age=1200" in start.headers["set-cookie"]
 
 
 def test_a_tenant_outside_connector_allowed_tenants_is_told_so(

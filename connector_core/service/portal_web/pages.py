@@ -167,14 +167,48 @@ def signin_start(page: Page) -> WebResponse:
         login_hint=hint if _UPN_HINT_RE.match(hint) else None,
     )
     sealed = page.root.keyring.seal(_SIGNIN_PURPOSE, {"flow": flow}, ttl_seconds=SIGNIN_TTL_SECONDS)
+    # The cookie outlives its sealed value, so a late answer says "expired", not "another
+    # browser"
     page.cookies.append(
-        f"{SIGNIN_COOKIE}={sealed}; Max-Age={SIGNIN_TTL_SECONDS}; "
+        f"{SIGNIN_COOKIE}={sealed}; Max-Age={2 * SIGNIN_TTL_SECONDS}; "
         "Path=/; Secure; HttpOnly; SameSite=Lax"
     )
     return page.redirect(url, status=302)
 
 
 _SIGNIN_AGAIN = "Sign in to the configuration portal again."
+
+
+def _signin_nonce(root: Container, state: str) -> str:
+    return f"portal-signin-{root.keyring.keyed_hash('portal-signin-state', state)}"
+
+
+def _signin_refusal(root: Container, sealed: str, state: str) -> ConnectorError:
+    """Why a sign-in answer has no usable flow cookie: expired, already used, or another browser
+    (error path only: at most one table read)."""
+    if sealed:
+        try:
+            root.keyring.unseal(_SIGNIN_PURPOSE, sealed, now=0.0)
+        except AuthenticationError:
+            pass
+        else:
+            return AuthenticationError(
+                "This sign-in took longer than 10 minutes and has expired.",
+                action=_SIGNIN_AGAIN,
+                reason="state_expired",
+            )
+    if state and len(state) <= 512 and root.nonces.was_consumed(_signin_nonce(root, state)):
+        return InvalidStateError(
+            "This sign-in was already completed; its link works only once (a reload of the page "
+            "after signing in, for example).",
+            action="Open the configuration portal: you are signed in.",
+            reason="state_used",
+        )
+    return AuthenticationError(
+        "This sign-in did not start in this browser, or the browser blocked its cookie.",
+        action="Sign in again from this browser, with cookies allowed for this site.",
+        reason="other_browser",
+    )
 
 
 @guard
@@ -184,14 +218,11 @@ def signin_callback(page: Page) -> WebResponse:
 
     root, query = page.root, page.req.query
     page.cookies.append(clear_cookie(SIGNIN_COOKIE))
-    sealed = page.req.cookies.get(SIGNIN_COOKIE, "")
+    sealed = page.req.cookies.get(SIGNIN_COOKIE, "")[:8192]
     try:
-        flow = root.keyring.unseal(_SIGNIN_PURPOSE, sealed[:8192])["flow"]
+        flow = root.keyring.unseal(_SIGNIN_PURPOSE, sealed)["flow"]
     except (AuthenticationError, KeyError):
-        raise AuthenticationError(
-            "This sign-in did not start in this browser, or took longer than 10 minutes.",
-            action=_SIGNIN_AGAIN,
-        ) from None
+        raise _signin_refusal(root, sealed, str(query.get("state") or "")) from None
     if query.get("error"):
         code = re.sub(r"[^A-Za-z0-9_.-]", "", query["error"])[:40] or "error"
         raise AuthenticationError(
@@ -200,7 +231,7 @@ def signin_callback(page: Page) -> WebResponse:
     state = str(flow.get("state", ""))
     try:
         root.nonces.consume(
-            f"portal-signin-{root.keyring.keyed_hash('portal-signin-state', state)}",
+            _signin_nonce(root, state),
             expires_at=root.clock() + timedelta(seconds=SIGNIN_TTL_SECONDS),
         )
     except ConflictError:
