@@ -668,6 +668,27 @@ class VisitRepository(_SingleRowRepository[Visit]):
             return None
         return self._participant.decode(entity)
 
+    def with_participants(self, visit_key: str) -> tuple[Visit, list[ParticipantRecord]]:
+        """The visit row and every participant row in one query: the RowKey range from ``p-``
+        through ``visit`` holds exactly those (the ledger's ``w-`` rows sort after it). The
+        clinician's visit page checks this every second while it is open."""
+        visit: Visit | None = None
+        rows: list[ParticipantRecord] = []
+        for entity in self._store.iter_entities(
+            self._table, partition_key=visit_key, row_key_from="p-", row_key_to=VISIT_ROW + "~"
+        ):
+            row_key = str(entity["RowKey"])
+            if row_key == VISIT_ROW:
+                visit = self._codec.decode(entity)
+            elif row_key.startswith("p-"):
+                rows.append(self._participant.decode(entity))
+        if visit is None:
+            raise NotFoundError(f"No {self._what} record for this key.")
+        found = {record.participant_key: record for record in rows}
+        for legacy in visit.participants:  # a visit written before participants had rows
+            found.setdefault(legacy.participant_key, from_legacy(legacy))
+        return visit, list(found.values())
+
     def participants(self, visit: Visit) -> list[ParticipantRecord]:
         """Every participant of the visit (the live view and reports read these rows)."""
         rows = self._store.list_entities(

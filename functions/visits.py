@@ -217,8 +217,8 @@ async def visit_events(req: func.HttpRequest) -> func.HttpResponse:
                 last = ""
             deadline = time.monotonic() + service.STREAM_SECONDS
             body = ""
+            view = await asyncio.to_thread(service.live_view, root, visit)
             while True:
-                view = await asyncio.to_thread(service.live_view, root, visit)
                 version = service.view_version(view)
                 if version != last:
                     body = _event(view, version)
@@ -227,8 +227,8 @@ async def visit_events(req: func.HttpRequest) -> func.HttpResponse:
                     body = ": no change\n\n"
                     break
                 await asyncio.sleep(service.STREAM_POLL_SECONDS)
-                # The call's status lives on the visit row: read it again as well.
-                visit = (await asyncio.to_thread(root.visits.get, visit.visit_key)).record
+                # The call's status lives on the visit row: one query reads it with the rows.
+                view = await asyncio.to_thread(service.fresh_view, root, visit.visit_key)
         except ConnectorError as error:  # EventSource stops on a non-200: the page then polls
             return problem_response(error, cid)
         except Exception:  # a bug: problem+json with the correlation id, never a traceback

@@ -27,6 +27,7 @@ __all__ = [
     "STREAM_RETRY_MS",
     "STREAM_SECONDS",
     "authorized_visit",
+    "fresh_view",
     "live_view",
     "teams_app_link",
     "view_version",
@@ -66,6 +67,15 @@ def live_view(container: Container, visit: Visit) -> dict[str, Any]:
     from connector_core.service.presence import participants_view
 
     return participants_view(container, visit)
+
+
+def fresh_view(container: Container, visit_key: str) -> dict[str, Any]:
+    """The view as it is now: the visit row (the call's status) and its participant rows, read
+    in one query (the stream checks every ``STREAM_POLL_SECONDS`` while the page is open)."""
+    from connector_core.service.presence import participants_view
+
+    visit, rows = container.visits.with_participants(visit_key)
+    return participants_view(container, visit, rows=rows)
 
 
 def view_version(view: dict[str, Any]) -> str:

@@ -39,6 +39,11 @@ param maximumInstanceCount int = 100
 @description('Always-ready instances for the HTTP trigger group (0: scale from zero).')
 @minValue(0)
 param alwaysReadyHttpInstances int = 0
+
+@description('Concurrent HTTP requests per instance. The platform default for Python is 1; the clinician\'s visit page keeps one event-stream request (async, up to 25 s) in flight per open page, so an instance serves that many open pages and launches at once.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 16
 @description('Spread instances across availability zones (the platform then keeps at least two always-ready instances, billed). Use a zone-redundant storage SKU with it.')
 param zoneRedundant bool = false
 
@@ -131,6 +136,11 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
             instanceCount: alwaysReadyHttpInstances
           }
         ] : []
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'

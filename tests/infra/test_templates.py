@@ -283,6 +283,11 @@ def test_flex_consumption_python_311_with_parameters() -> None:
     assert re.search(r"runtime: \{\n\s+name: 'python'\n\s+version: '3.11'", app)
     assert "instanceMemoryMB: instanceMemoryMB" in app
     assert "maximumInstanceCount: maximumInstanceCount" in app
+    # open visit pages each keep one async request in flight: not one instance per page
+    assert re.search(
+        r"triggers: \{\n\s+http: \{\n\s+perInstanceConcurrency: httpPerInstanceConcurrency", app
+    )
+    assert re.search(r"^param httpPerInstanceConcurrency int = 16$", app, re.M)
     assert (
         "ftpsState: 'Disabled'" in app
         and "minTlsVersion: '1.2'" in app

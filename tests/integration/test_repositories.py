@@ -258,6 +258,9 @@ def test_a_visits_rows_commit_in_batches_and_read_by_key(store: EntityStore) -> 
     assert rows.visit is not None and rows.visit.record.meeting_id == "m"
     assert len(rows.participants) == len(range(0, 120, 7)) and len(rows.writebacks) == 30
     assert len(repo.participants(live)) == 120
+    # the visit page's one query: the visit row and its participants, not the ledger
+    both, participants = repo.with_participants(key)
+    assert both.meeting_id == "m" and len(participants) == 120
     assert len(WritebackRepository(store, region=Region.AMERICAS).list_for_visit(key)) == 100
     # a stale row in a batch: nothing of that batch is written
     stale = rows.participants[f"{0:064x}"]

@@ -143,6 +143,27 @@ def test_stream_answers_at_once_when_the_view_changed_and_waits_otherwise(
     assert view["patientWaitingInLobby"] is True
 
 
+def test_each_check_of_the_stream_is_one_query_of_the_visit_and_its_participants(
+    container: Container,
+) -> None:
+    deliver(container, roster_event(1, joined=[user("p-doc", ORGANIZER), guest("g-1")]))
+    deliver(container, roster_event(2, exited=[guest("g-1")]))
+    container.visits.record_patient_arrival(VISIT_KEY, patient_arrival(datetime.now(UTC)))
+    rows = container.store.list_entities(  # type: ignore[attr-defined]
+        container.visits._table,  # type: ignore[attr-defined]
+        partition_key=VISIT_KEY,
+    )
+    assert any(str(row["RowKey"]).startswith("w-") for row, _ in rows)  # a ledger to skip
+    visit = container.visits.get(VISIT_KEY).record
+    expected = service.live_view(container, visit)
+    store = container.store
+    before = store.operations  # type: ignore[attr-defined]
+    assert service.fresh_view(container, VISIT_KEY) == expected
+    assert store.operations - before == 1  # type: ignore[attr-defined]
+    fresh, participants = container.visits.with_participants(VISIT_KEY)
+    assert fresh == visit and len(participants) == len(expected["participants"])
+
+
 # --- the patient's arrival -------------------------------------------------------------------
 
 

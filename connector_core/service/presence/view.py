@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from connector_core.domain.models import ParticipantRole, ParticipantStatus, Visit
-from connector_core.domain.presence import sort_participants
+from connector_core.domain.presence import ParticipantRecord, sort_participants
 from connector_core.domain.waiting import settle_arrival
 from connector_core.errors import AuthenticationError, PermissionDeniedError
 
@@ -55,10 +55,14 @@ def _time(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
-def participants_view(container: Container, visit: Visit) -> dict[str, Any]:
-    """Who is connected now and since when (roles and times only), from the participant rows."""
+def participants_view(
+    container: Container, visit: Visit, *, rows: list[ParticipantRecord] | None = None
+) -> dict[str, Any]:
+    """Who is connected now and since when (roles and times only), from the participant rows
+    (read here unless the caller read them with the visit)."""
+    found = container.visits.participants(visit) if rows is None else rows
     # The patient's launch counts as waiting (Graph reports nobody in the lobby): waiting.py.
-    rows = sort_participants(settle_arrival(container.visits.participants(visit)))
+    shown = sort_participants(settle_arrival(found))
     participants = [
         {
             "participant": p.participant_key[:12],
@@ -69,11 +73,11 @@ def participants_view(container: Container, visit: Visit) -> dict[str, Any]:
             "firstJoinedAt": _time(p.first_joined_at),
             "lobbySince": _time(p.lobby_at) if p.status is ParticipantStatus.LOBBY else None,
         }
-        for p in rows
+        for p in shown
     ]
     connected = [p for p in participants if p["status"] == ParticipantStatus.CONNECTED.value]
     waiting = any(
-        p.role is ParticipantRole.PATIENT and p.status is ParticipantStatus.LOBBY for p in rows
+        p.role is ParticipantRole.PATIENT and p.status is ParticipantStatus.LOBBY for p in shown
     )
     return {
         "visitKey": visit.visit_key,
@@ -81,5 +85,5 @@ def participants_view(container: Container, visit: Visit) -> dict[str, Any]:
         "connected": connected,
         "participants": participants,
         "patientWaitingInLobby": waiting,
-        "updatedAt": _time(max([visit.updated_at, *(p.last_event_at for p in rows)])),
+        "updatedAt": _time(max([visit.updated_at, *(p.last_event_at for p in shown)])),
     }
