@@ -70,6 +70,11 @@ param retentionDays int = 7
 @maxValue(3650)
 param mappingRetentionDays int = 365
 
+@description('Days the usage reports keep each visit\'s summary (no people\'s data) after its day (CONNECTOR_REPORT_RETENTION_DAYS).')
+@minValue(1)
+@maxValue(3650)
+param reportRetentionDays int = 400
+
 @description('Flex Consumption instance memory in MB.')
 @allowed([
   512
@@ -318,6 +323,7 @@ module functionApp 'app/function-app.bicep' = {
     ehrPrivateTargets: ehrPrivateTargets
     retentionDays: retentionDays
     mappingRetentionDays: mappingRetentionDays
+    reportRetentionDays: reportRetentionDays
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     identityId: identity.outputs.id

@@ -26,6 +26,7 @@ param allowedTenants string = ''
 param ehrPrivateTargets string = ''
 param retentionDays int = 7
 param mappingRetentionDays int = 365
+param reportRetentionDays int = 400
 
 @allowed([
   512
@@ -222,6 +223,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     CONNECTOR_EHR_PRIVATE_TARGETS: ehrPrivateTargets
     CONNECTOR_RETENTION_DAYS: string(retentionDays)
     CONNECTOR_MAPPING_RETENTION_DAYS: string(mappingRetentionDays)
+    CONNECTOR_REPORT_RETENTION_DAYS: string(reportRetentionDays)
     ENTRA_AUTHORITY_HOST: entraAuthorityHost
     ENTRA_CLIENT_ID: entraClientId
     ENTRA_CLIENT_SECRET: '@Microsoft.KeyVault(${kvRef};SecretName=entra-client-secret)'
