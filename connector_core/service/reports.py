@@ -3,8 +3,8 @@
 
 Summaries are written by the presence worker: a batch of a visit's events that changes its rows
 schedules a ``summary`` message a few seconds later (``PresenceOptions.summary_delay_seconds``;
-the batches of those seconds share it), which runs ``refresh_summary``: the visit row, one
-query for its participant rows, one write. The summary is derived from the stored rows alone
+the batches of those seconds share it), which runs ``refresh_summary``: one query for the
+visit row and its participant rows, one write. The summary is derived from the stored rows alone
 (``domain.reports.summarize``), so duplicates and reordering change nothing, and a refresh
 always reads rows committed before it was due. The lobby wait starts at the patients' own
 ``lobby_at``, where the worker copied the patient's arrival at their first admission.
@@ -24,6 +24,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from connector_core.domain.models import Environment, Visit
+from connector_core.domain.presence import ParticipantRecord
 from connector_core.domain.reports import (
     CSV_COLUMNS,
     MAX_REPORT_DAYS,
@@ -65,11 +66,15 @@ _CSV_CHUNK_ROWS = 500
 # --- keeping summaries (the presence worker) ------------------------------------------------
 
 
-def refresh_summary(container: Container, visit: Visit) -> None:
-    """Recompute the visit's summary from its stored rows and write it. A storage failure is
-    logged and left for the visit's next batch: the events are already committed."""
+def refresh_summary(
+    container: Container, visit: Visit, *, participants: list[ParticipantRecord] | None = None
+) -> None:
+    """Recompute the visit's summary from its stored rows (read here unless the caller read
+    them with the visit) and write it. A storage failure is logged and left for the visit's
+    next batch: the events are already committed."""
     try:
-        participants = container.visits.participants(visit)
+        if participants is None:
+            participants = container.visits.participants(visit)
         if not participants:
             return  # nobody ever joined: nothing to report yet
         environment: Environment | None

@@ -250,8 +250,8 @@ def _refresh_summary(container: Container, visit_key: str) -> None:
     from connector_core.service.reports import refresh_summary
 
     container.presence.summary_due.forget(visit_key)  # a commit from now on asks again
-    try:
-        visit = container.visits.get(visit_key).record
+    try:  # one query: the visit row and its participant rows
+        visit, participants = container.visits.with_participants(visit_key)
     except NotFoundError:
         return  # purged meanwhile
     except ConnectorError as error:
@@ -263,7 +263,7 @@ def _refresh_summary(container: Container, visit_key: str) -> None:
             error=type(error).__name__,
         )
         return
-    refresh_summary(container, visit)
+    refresh_summary(container, visit, participants=participants)
 
 
 # --- one visit's events ---------------------------------------------------------------------------

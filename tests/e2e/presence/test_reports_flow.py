@@ -85,8 +85,10 @@ def _summary(stack: Stack, visit_key: str, status: str) -> dict[str, Any] | None
     return None
 
 
-def test_reports_of_real_visits(fresh_stack: Stack) -> None:
+def test_reports_of_real_visits(fresh_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     stack = fresh_stack
+    # summaries refresh 30 s after a batch in production; the test need not wait that long
+    monkeypatch.setattr(stack.container().presence.options, "summary_delay_seconds", 2)
     existing = stack.container().configs.find_id_by_url(
         stack.tenant(0).tid, "test", stack.sandbox.fhir_base
     )
