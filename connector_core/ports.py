@@ -44,6 +44,7 @@ __all__ = [
     "MessageQueue",
     "TransactionOp",
     "property_bytes",
+    "row_keys_per_query",
 ]
 
 MAX_ENTITY_BYTES = 1024 * 1024
@@ -64,6 +65,12 @@ def property_bytes(value: Any) -> int:
     if isinstance(value, bytes | bytearray):
         return len(value)
     return 8
+
+
+def row_keys_per_query(where: Mapping[str, str] | None, row_key_prefix: str | None) -> int:
+    """Row keys one ``list_entities`` filter names beside its other comparisons: the partition
+    (already off ``MAX_ROW_KEYS_PER_QUERY``), each ``where`` equality, a prefix's two bounds."""
+    return MAX_ROW_KEYS_PER_QUERY - len(where or {}) - (2 if row_key_prefix else 0)
 
 
 # A table entity: PartitionKey, RowKey and simple typed properties (str, int, float, bool,

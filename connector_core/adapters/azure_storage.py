@@ -53,10 +53,10 @@ from connector_core.errors import (
 )
 from connector_core.ports import (
     MAX_QUERY_PAGE,
-    MAX_ROW_KEYS_PER_QUERY,
     MAX_SCAN_PAGES,
     Entity,
     TransactionOp,
+    row_keys_per_query,
 )
 from connector_core.settings import StorageSettings
 
@@ -246,9 +246,7 @@ def _queries(
     if row_keys is None:
         return [(base, parameters)]
     keys = sorted(set(row_keys))
-    # MAX_ROW_KEYS_PER_QUERY leaves one comparison for the partition; the others used here
-    # (property equalities, a prefix range) come off it as well.
-    per_query = MAX_ROW_KEYS_PER_QUERY - len(where or {}) - (2 if row_key_prefix else 0)
+    per_query = row_keys_per_query(where, row_key_prefix)
     queries = []
     for start in range(0, len(keys), per_query):
         chunk = keys[start : start + per_query]

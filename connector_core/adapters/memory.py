@@ -32,10 +32,10 @@ from connector_core.ports import (
     MAX_ENTITY_BYTES,
     MAX_PROPERTIES,
     MAX_PROPERTY_BYTES,
-    MAX_ROW_KEYS_PER_QUERY,
     Entity,
     TransactionOp,
     property_bytes,
+    row_keys_per_query,
 )
 
 __all__ = ["InMemoryEntityStore", "InMemoryMessageQueue", "entity_bytes"]
@@ -192,7 +192,7 @@ class InMemoryEntityStore:
             if wanted is not None and not wanted:
                 return []
             # Round trips as the Azure adapter makes them: a filter holds 15 comparisons.
-            per_query = MAX_ROW_KEYS_PER_QUERY - len(where or {}) - (2 if row_key_prefix else 0)
+            per_query = row_keys_per_query(where, row_key_prefix)
             queries = 1 if wanted is None else -(-len(wanted) // per_query)
             for _ in range(queries):
                 self._enter("list_entities")
@@ -288,7 +288,8 @@ class InMemoryEntityStore:
                         _check_entity(op.entity)
                     if op.kind == "create":
                         self._check_create(table, op.entity)
-                    elif op.kind in ("update", "delete") and (op.kind == "update" or op.etag):
+                    elif op.kind in ("update", "delete"):
+                        # A batch's delete of a missing row fails it (404), etag or not.
                         self._check_etag(table, self._key(op.entity), op.etag)
                 except ConnectorError as error:
                     error.extra["operation"] = index
@@ -296,7 +297,7 @@ class InMemoryEntityStore:
             etags: list[str | None] = []
             for op in ops:
                 if op.kind == "delete":
-                    self._tables[table].pop(self._key(op.entity), None)
+                    del self._tables[table][self._key(op.entity)]
                     self._written[table].pop(self._key(op.entity), None)
                     etags.append(None)
                 else:

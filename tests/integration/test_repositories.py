@@ -381,3 +381,25 @@ def test_batches_of_every_kind_return_the_etags_storage_holds(
         "new'one",
         "up",
     ]
+
+
+@pytest.mark.parametrize("extra", [{}, {"Count": 3}], ids=["own-batch", "sdk-batch"])
+def test_a_batch_deleting_a_missing_row_fails_whole(
+    store: EntityStore, extra: dict[str, object]
+) -> None:
+    """A batch's delete of a row that is not there answers 404 even without an ETag (unlike a
+    single delete, which is idempotent), and nothing else in the batch is written: the
+    retention purge relies on it to notice another instance deleted first."""
+    table, partition = "vvamericasbatches", unique("missing")
+    with pytest.raises(NotFoundError) as missing:
+        store.submit_transaction(
+            table,
+            [
+                TransactionOp("upsert", {"PartitionKey": partition, "RowKey": "a", **extra}),
+                TransactionOp("delete", {"PartitionKey": partition, "RowKey": "gone"}),
+            ],
+        )
+    assert missing.value.extra["status"] == 404
+    assert missing.value.extra["operation"] == 1
+    assert store.list_entities(table, partition_key=partition) == []
+    store.delete_entity(table, partition, "gone")  # a single delete stays idempotent

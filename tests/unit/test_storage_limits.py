@@ -242,7 +242,8 @@ def test_a_config_written_before_history_rows_keeps_its_whole_trail() -> None:
         "Region": "americas",
         "Record": legacy.model_dump_json(),
     }
-    store.create_entity("vvamericasconfigs", entity)  # as the old code wrote it
+    store.create_entity("vvamericasconfigs", entity)  # as the old code wrote it, with
+    store.create_entity("vvamericasconfigs", repo._url_row(legacy))  # its uniqueness row
     assert len(repo.history(legacy.tenant_id, legacy.id)) == 60
     current = repo.get(legacy.tenant_id, legacy.id)
     changed = current.record.change(
