@@ -188,10 +188,10 @@ def _nonces(container: Container, report: RetentionReport, limit: int) -> None:
 
 
 def _sessions(container: Container, report: RetentionReport, limit: int) -> None:
+    from connector_core.service.portal_web.sessions import ROW_KEY, TABLE_KIND
+
     rows = ExpiringRows(
-        container.store,
-        table=table_name(container.settings.region, "portalsessions"),
-        row_key="session",
+        container.store, table=table_name(container.settings.region, TABLE_KIND), row_key=ROW_KEY
     )
     deleted, raced = _expiring(rows, container, limit)
     report.sessions += deleted

@@ -58,6 +58,8 @@ COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Lax"
 _COOKIE_PURPOSE = "portal-session-cookie"
 _RECORD_PURPOSE = "portal-session-record"
 _ROW = "session"
+TABLE_KIND = "portalsessions"  # vv{region}portalsessions; the retention purge reads it too
+ROW_KEY = _ROW
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class SessionStore:
         self._store = store
         self._keyring = keyring
         self._region = region
-        self._table = table_name(region, "portalsessions")
+        self._table = table_name(region, TABLE_KIND)
 
     def _key(self, sid: str) -> str:
         return self._keyring.keyed_hash("portal-session-row", sid, length=64)
@@ -140,7 +142,7 @@ class SessionStore:
             "RowKey": _ROW,
             "Kind": "portalsession",
             "Region": self._region.value,
-            "ExpiresAt": session.expires_at.isoformat(),
+            "ExpiresAt": session.expires_at.astimezone(UTC).isoformat(),  # sorts as a time
             "Sealed": self._keyring.seal(_RECORD_PURPOSE, payload),
         }
 
