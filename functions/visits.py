@@ -66,7 +66,7 @@ def _bearer(req: func.HttpRequest) -> str | None:
 
 
 def _authorized_visit(req: func.HttpRequest) -> Visit:
-    from connector_core.service.presence import VISIT_COOKIE
+    from connector_core.service.visit_cookie import VISIT_COOKIE
     from connector_core.service.visit_page import authorized_visit
 
     return authorized_visit(

@@ -79,6 +79,9 @@ from connector_core.logs import get_logger, log_event
 from connector_core.service import launch_messages as refusals
 from connector_core.service.launch_messages import Flow
 from connector_core.service.subscriptions import request_subscription
+
+# The clinician's recent visits, for their visit pages.
+from connector_core.service.visit_cookie import VISIT_COOKIE, add_visit
 from connector_core.ttl_cache import TtlCache
 
 if TYPE_CHECKING:
@@ -108,7 +111,6 @@ WAIT_TTL_SECONDS = 4 * 3600  # a patient may open the visit early
 LAUNCH_COOKIE_PREFIX = "__Host-vvl-"
 SSO_COOKIE = "__Host-vv-sso"
 WAIT_COOKIE = "__Host-vv-wait"
-VISIT_COOKIE = "__Host-vv-visit"  # the clinician's recent visits, for their visit pages
 MEETING_SUBJECT = "Virtual visit"  # never patient data
 MEETING_LENGTH = timedelta(hours=1)
 # A launch of a visit created this recently does not ask for its subscription again.
@@ -336,10 +338,17 @@ def _delete(name: str) -> SetCookie:
     return SetCookie(name, "", 0)
 
 
+def _completed(cfg: _Cfg, role: str, key: str, outcome: str) -> None:
+    log_event(_log, "launch.completed", config_id=cfg.id, role=role, visit_key=key, outcome=outcome)
+
+
+def _warn_failed(event: str, error: ConnectorError, **keys: object) -> None:
+    """A best-effort step failed and the launch goes on: a warning naming the error's type."""
+    log_event(_log, event, level=logging.WARNING, **keys, error=type(error).__name__)
+
+
 def _visit_cookie(container: Container, key: str, previous: str | None) -> SetCookie:
     """The visit cookie with ``key`` added to the visits the browser's cookie already holds."""
-    from connector_core.service.visit_cookie import add_visit
-
     sealed, max_age = add_visit(container.keyring, previous, key)
     return SetCookie(VISIT_COOKIE, sealed, max_age)
 
@@ -690,13 +699,7 @@ def _touch_mapping(container: Container, mapping: EhrUserMapping) -> None:
     try:
         container.mappings.upsert(touched)
     except ConnectorError as error:
-        log_event(
-            _log,
-            "launch.mapping_touch_failed",
-            level=logging.WARNING,
-            user_key=mapping.ehr_user_key,
-            error=type(error).__name__,
-        )
+        _warn_failed("launch.mapping_touch_failed", error, user_key=mapping.ehr_user_key)
         return
     container.launch_cache.remember_mapping(touched)
 
@@ -705,13 +708,11 @@ def _to_meeting(
     container: Container, pending: _Pending, visit: Visit, visit_cookie: str | None
 ) -> LaunchResult:
     assert visit.join_web_url is not None
-    log_event(
-        _log,
-        "launch.completed",
-        config_id=pending.cfg.id,
-        role="provider",
-        visit_key=visit.visit_key,
-        outcome="meeting" if pending.cfg.landing == "meeting" else "visit_page",
+    _completed(
+        pending.cfg,
+        "provider",
+        visit.visit_key,
+        "meeting" if pending.cfg.landing == "meeting" else "visit_page",
     )
     if pending.cfg.landing == "meeting":
         target = _safe_location(container, visit.join_web_url, "meeting link")
@@ -847,26 +848,16 @@ def _subscription_if_missing(
     container: Container, visit: Visit, *, fresh_visit: bool = False
 ) -> None:
     """A visit whose meeting has no live subscription gets one from the queue worker (off the
-    clinician's path; the worker is idempotent, so a duplicate request costs nothing)."""
-    now = container.clock()
-    if visit.subscription_id is not None and (
-        visit.subscription_expires_at is None or visit.subscription_expires_at > now
-    ):
+    clinician's path; the worker is idempotent, so a duplicate request costs nothing).
+    ``fresh_visit``: the visit this launch just wrote, which has none yet."""
+    if not fresh_visit and _subscription_settled(container, visit):
         return
-    if fresh_visit is False and now - visit.created_at < SUBSCRIPTION_GRACE:
-        return  # its creator asked a moment ago; the worker is on it
     try:
         request_subscription(
             container, visit.visit_key, reason="new_meeting" if fresh_visit else "missing"
         )
     except ConnectorError as error:  # the next launch or the renewal timer asks again
-        log_event(
-            _log,
-            "launch.subscription_request_failed",
-            level=logging.WARNING,
-            visit_key=visit.visit_key,
-            error=type(error).__name__,
-        )
+        _warn_failed("launch.subscription_request_failed", error, visit_key=visit.visit_key)
 
 
 def _graph_page_error(error: GraphError) -> ConnectorError:
@@ -1005,14 +996,7 @@ def _patient_continue(
         _touch_mapping(container, mapping)
         assert visit.join_web_url is not None
         return _patient_to_meeting(container, cfg, key, visit.join_web_url)
-    log_event(
-        _log,
-        "launch.completed",
-        config_id=cfg.id,
-        role="patient",
-        visit_key=key,
-        outcome="waiting",
-    )
+    _completed(cfg, "patient", key, "waiting")
     wait = container.keyring.seal(
         "launch-wait",
         # When the patient launched: their arrival once the meeting exists (poll_waiting), so
@@ -1025,14 +1009,7 @@ def _patient_continue(
 
 def _patient_to_meeting(container: Container, cfg: _Cfg, key: str, join_url: str) -> LaunchResult:
     """The patient into the meeting's lobby (their arrival is recorded already)."""
-    log_event(
-        _log,
-        "launch.completed",
-        config_id=cfg.id,
-        role="patient",
-        visit_key=key,
-        outcome="meeting",
-    )
+    _completed(cfg, "patient", key, "meeting")
     return LaunchResult(
         redirect=_safe_location(container, guest_join_url(join_url), "meeting link")
     )
@@ -1048,13 +1025,7 @@ def _record_arrival(container: Container, key: str, at: datetime) -> None:
     try:
         container.visits.record_patient_arrival(key, patient_arrival(at))
     except ConnectorError as error:
-        log_event(
-            _log,
-            "launch.arrival_not_recorded",
-            level=logging.WARNING,
-            visit_key=key,
-            error=type(error).__name__,
-        )
+        _warn_failed("launch.arrival_not_recorded", error, visit_key=key)
 
 
 # The arrival upsert runs beside the visit read (the storage clients are thread-safe), so a

@@ -21,14 +21,21 @@ from connector_core.errors import AuthenticationError
 if TYPE_CHECKING:
     from connector_core.crypto import Keyring
 
-__all__ = ["MAX_VISITS", "VISIT_COOKIE", "VISIT_TTL_SECONDS", "add_visit", "cookie_visits"]
+__all__ = [
+    "MAX_VISITS",
+    "VISIT_COOKIE",
+    "VISIT_KEY",
+    "VISIT_TTL_SECONDS",
+    "add_visit",
+    "cookie_visits",
+]
 
 VISIT_COOKIE = "__Host-vv-visit"
 VISIT_TTL_SECONDS = 12 * 3600
 MAX_VISITS = 8  # bounded: the oldest visit leaves when a ninth is opened
 _PURPOSE = "visit-cookie"
 _ROLES = ("provider", "clinician")
-_VISIT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+VISIT_KEY = re.compile(r"^[0-9a-f]{16,64}$")  # a visit key as stored (hex HMAC)
 
 
 def _entries(payload: dict[str, Any], now: int) -> list[tuple[str, int]]:
@@ -45,7 +52,7 @@ def _entries(payload: dict[str, Any], now: int) -> list[tuple[str, int]]:
         key, expires = item, fallback
         if isinstance(item, list) and len(item) == 2:
             key, expires = item
-        if not isinstance(key, str) or not _VISIT_KEY.match(key) or not isinstance(expires, int):
+        if not isinstance(key, str) or not VISIT_KEY.match(key) or not isinstance(expires, int):
             continue
         if expires > now and key not in found:
             found[key] = expires

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from connector_core.errors import AuthenticationError, NotFoundError
+from connector_core.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from connector_core.service.visit_cookie import VISIT_KEY, cookie_visits
 
 if TYPE_CHECKING:
     from connector_core.bootstrap import Container
@@ -33,7 +33,6 @@ __all__ = [
     "view_version",
 ]
 
-VISIT_KEY = re.compile(r"^[0-9a-f]{16,64}$")
 # The event stream answers within STREAM_SECONDS (at once when something changed), then the
 # browser's EventSource reconnects after STREAM_RETRY_MS: no request is held open for long,
 # and a change shows within STREAM_POLL_SECONDS + STREAM_RETRY_MS (under 2 s).
@@ -46,7 +45,8 @@ def authorized_visit(
     container: Container, visit_key: str, *, bearer: str | None, visit_cookie: str | None
 ) -> Visit:
     """The visit, for its clinician only (``AuthenticationError``/``PermissionDeniedError``);
-    a caller without credentials learns nothing about which visits exist."""
+    a caller without a genuine credential for it learns nothing about which visits exist and
+    costs no table read (the visit page's stream is anonymous-reachable and reconnects)."""
     from connector_core.service.presence import authorize_viewer
 
     if not bearer and not visit_cookie:
@@ -57,8 +57,14 @@ def authorized_visit(
     key = visit_key.lower()
     if not VISIT_KEY.match(key):
         raise NotFoundError("No such visit.")
+    if bearer:
+        container.portal_tokens.validate(bearer)  # genuine first; the organizer check below
+    elif visit_cookie and all(k != key for k, _ in cookie_visits(container.keyring, visit_cookie)):
+        # The cookie is the whole check (authorize_viewer's cookie branch): none for a bearer.
+        raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
     visit = container.visits.get(key).record
-    authorize_viewer(container, visit, bearer=bearer, visit_cookie=visit_cookie)
+    if bearer:
+        authorize_viewer(container, visit, bearer=bearer, visit_cookie=None)
     return visit
 
 

@@ -84,6 +84,9 @@ def test_page_of_another_visit_is_a_friendly_403_page(container: Container) -> N
     assert response.status_code == 403 and response.mimetype == "text/html"
     forged = page({"cookie": "__Host-vv-visit=not-sealed"})
     assert forged.status_code == 401 and forged.mimetype == "text/html"
+    # The credential is checked before the visit is read: an unknown visit answers the same.
+    assert page({"cookie": "__Host-vv-visit=not-sealed"}, "f" * 32).status_code == 401
+    assert page(cookie_for(container, "b" * 32), "f" * 32).status_code == 403
 
 
 def test_stream_refusals_are_problem_json(container: Container) -> None:
