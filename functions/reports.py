@@ -41,7 +41,7 @@ def report_visits(req: func.HttpRequest) -> func.HttpResponse:
     query = service.parse_query(req.params)
     if _wants_csv(req):
         body = b"".join(service.csv_chunks(root, caller, query))
-        name = f"visits-{query.first.isoformat()}-{query.last.isoformat()}.csv"
+        name = service.csv_filename(query)
         return func.HttpResponse(
             body,
             status_code=200,

@@ -28,10 +28,10 @@ from connector_core.domain.presence import ParticipantRecord
 from connector_core.domain.reports import (
     CSV_COLUMNS,
     MAX_REPORT_DAYS,
+    TotalsBuilder,
     VisitSummary,
     clean_department_id,
     summarize,
-    totals_of,
 )
 from connector_core.errors import (
     ConnectorError,
@@ -49,6 +49,7 @@ __all__ = [
     "ReportQuery",
     "authorize",
     "csv_chunks",
+    "csv_filename",
     "csv_rows",
     "parse_query",
     "refresh_summary",
@@ -168,16 +169,16 @@ def _iso_now(container: Container) -> str:
 def report_json(container: Container, caller: Caller, query: ReportQuery) -> dict[str, Any]:
     """The JSON body of docs/design.md: range, generation time, summary block, visits."""
     visits: list[dict[str, Any]] = []
-    found: list[VisitSummary] = []
+    totals = TotalsBuilder()
     for summary in summaries(container, caller, query):
-        found.append(summary)
+        totals.add(summary)
         visits.append(summary.wire())
     log_event(_log, "reports.read", tenant_id=caller.tenant_id, visits=len(visits), fmt="json")
     return {
         "from": query.first.isoformat(),
         "to": query.last.isoformat(),
         "generatedAt": _iso_now(container),
-        "summary": totals_of(found).wire(),
+        "summary": totals.result().wire(),
         "visits": visits,
     }
 
@@ -197,6 +198,11 @@ def csv_rows(
             buffer.seek(0)
             buffer.truncate()
     yield buffer.getvalue()
+
+
+def csv_filename(query: ReportQuery) -> str:
+    """The download name of the CSV report (``Content-Disposition``) for the range."""
+    return f"visits-{query.first.isoformat()}-{query.last.isoformat()}.csv"
 
 
 def csv_chunks(container: Container, caller: Caller, query: ReportQuery) -> Iterator[bytes]:

@@ -5,14 +5,15 @@ a clock, and notification builders."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from cryptography import x509
 
 from connector_core.adapters.memory import InMemoryEntityStore, InMemoryMessageQueue
-from connector_core.bootstrap import Container
+from connector_core.bootstrap import Container, reset_container, set_container
 from connector_core.domain.models import (
     EhrVendor,
     Environment,
@@ -257,6 +258,16 @@ def make_container(*, vendor: EhrVendor = EhrVendor.SMART, context: bool = True)
         )
     add_visit(container, VISIT_KEY, SUB_ID, SECRET, sealed=sealed, config_id=config.id)
     return container
+
+
+@pytest.fixture(name="container")
+def container_fixture() -> Iterator[Container]:
+    """``make_container()`` installed as the composition root for one test (import this into a
+    test module to get the ``container`` fixture)."""
+    c = make_container()
+    set_container(c)
+    yield c
+    reset_container()
 
 
 def add_visit(

@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from connector_core.bootstrap import Container, reset_container, set_container
+from connector_core.bootstrap import Container
 from connector_core.domain.models import ParticipantRole, ParticipantStatus
 from connector_core.domain.presence import WritebackOutcome, WritebackStatus
 from connector_core.errors import StorageRejectedError, StorageUnavailableError
@@ -34,11 +33,11 @@ from tests.unit.presence_fakes import (
     TENANT,
     VISIT_KEY,
     clock_of,
+    container_fixture,  # noqa: F401 (the "container" fixture)
     deliver,
     drain,
     guest,
     item,
-    make_container,
     queue_of,
     queued,
     roster_event,
@@ -46,14 +45,6 @@ from tests.unit.presence_fakes import (
     user,
     writer,
 )
-
-
-@pytest.fixture
-def container() -> Iterator[Container]:
-    c = make_container()
-    set_container(c)
-    yield c
-    reset_container()
 
 
 def ledger(container: Container) -> list[Any]:

@@ -9,14 +9,13 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from connector_core.adapters.memory import InMemoryMessageQueue
-from connector_core.bootstrap import Container, reset_container, set_container
+from connector_core.bootstrap import Container
 from connector_core.domain.models import (
     EhrVendor,
     ParticipantRole,
@@ -52,6 +51,7 @@ from tests.unit.presence_fakes import (
     add_visit,
     call_event,
     clock_of,
+    container_fixture,  # noqa: F401 (the "container" fixture)
     deliver,
     drain,
     fake_graph,
@@ -65,14 +65,6 @@ from tests.unit.presence_fakes import (
     user,
     writer,
 )
-
-
-@pytest.fixture
-def container() -> Iterator[Container]:
-    c = make_container()
-    set_container(c)
-    yield c
-    reset_container()
 
 
 def participants(container: Container) -> dict[ParticipantRole, Any]:

@@ -265,7 +265,7 @@ def reports_export(page: Page) -> WebResponse:
     session = _require_reader(page)
     query, _ = _query(page)
     body = b"".join(service.csv_chunks(page.root, session.caller, query))
-    name = f"visits-{query.first.isoformat()}-{query.last.isoformat()}.csv"
+    name = service.csv_filename(query)
     response = WebResponse(
         body=body,
         content_type="text/csv; charset=utf-8",
