@@ -9,31 +9,14 @@ max). Budget: under 2000 ms. The figure counts the whole answer, query and trans
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import statistics
 import time
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 VISITS = 10_000
 DAYS = 31
 BUDGET_MS = 2000.0
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def synthetic_summaries(
@@ -94,6 +77,7 @@ def run_reports_bench(quick: bool = False) -> dict[str, Any]:
     from connector_core.bootstrap import reset_container
     from devtools._serve import free_port
     from devtools.azurite import Azurite
+    from devtools.bench_launch import _environ, _quiet
     from devtools.dev_secrets import dev_secret_settings
     from devtools.host import LocalHost
     from devtools.sandbox import Sandbox
@@ -102,9 +86,8 @@ def run_reports_bench(quick: bool = False) -> dict[str, Any]:
     runs = 3 if quick else 7
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    for name in ("devtools.host", "connector", "azure"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet("devtools.host", "connector", "azure"))
         azurite = stack.enter_context(Azurite())
         sandbox = stack.enter_context(Sandbox(connector_url=url))
         env = {

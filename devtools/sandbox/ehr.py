@@ -39,7 +39,9 @@ URL layout per profile (``fhir`` = its FHIR base, ``auth`` = its authorization s
                                             conditional create do)
     GET  {fhir}/AuditEvent?...              search (a system read token): entity (reference),
                                             entity:identifier, agent, date (eq/ne/gt/ge/lt/le),
-                                            type, subtype (tokens), _count, _sort=date|-date
+                                            type, subtype (tokens), _count, _sort=date|-date;
+                                            a searchset Bundle with total and a "next" link
+                                            while more matches follow
     GET  authorize (EHR launch -> 302; standalone -> sign-in page), GET signin, POST token,
          GET jwks: see ``EhrProfile.authorization_endpoint`` / ``token_endpoint`` / ``jwks_uri``
     POST {base}/api/epic/2018/Telehealth/ContextLinking/SetExternalConnectionStatus       default
@@ -144,6 +146,7 @@ AUDIT_SEARCH_PARAMS = (
     "subtype",
     "_count",
     "_sort",
+    "_offset",  # what the searchset's "next" link carries
 )
 WRITEBACKS_SHOWN = 20  # per appointment on the page
 _PKCE_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -492,16 +495,21 @@ class _AuditSearch:
     tests: tuple[Callable[[dict[str, Any]], bool], ...]
     count: int
     newest_first: bool | None
+    offset: int = 0
 
     @classmethod
     def parse(cls, items: Iterable[tuple[str, str]], base: str) -> _AuditSearch:
         tests: list[Callable[[dict[str, Any]], bool]] = []
-        count, newest_first = AUDIT_SEARCH_PAGE, None
+        count, newest_first, offset = AUDIT_SEARCH_PAGE, None, 0
         for name, value in items:
             if name == "_count":
                 if not value.isdigit() or int(value) > AUDIT_SEARCH_MAX_COUNT:
                     raise ValueError(f"_count must be 0..{AUDIT_SEARCH_MAX_COUNT}")
                 count = int(value)
+            elif name == "_offset":
+                if not value.isdigit():
+                    raise ValueError("_offset must be a number")
+                offset = int(value)
             elif name == "_sort":
                 if value not in ("date", "-date"):
                     raise ValueError("_sort supports date and -date")
@@ -538,7 +546,7 @@ class _AuditSearch:
                     f"Unsupported search parameter {name!r}; this server supports "
                     + ", ".join(AUDIT_SEARCH_PARAMS)
                 )
-        return cls(tuple(tests), count, newest_first)
+        return cls(tuple(tests), count, newest_first, offset)
 
     def run(self, stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
         matches = [r for r in stored if all(test(r) for test in self.tests)]
@@ -2100,18 +2108,24 @@ class SandboxEhr:
         with self._lock:
             stored = [r for name, r in self._audit_by_id.values() if name == profile.name]
         matches = search.run(stored)
+        end = search.offset + search.count
+        links = [{"relation": "self", "url": str(request.url)}]
+        if search.count and end < len(matches):  # as a FHIR server pages: follow "next"
+            links.append(
+                {"relation": "next", "url": str(request.url.include_query_params(_offset=end))}
+            )
         bundle = {
             "resourceType": "Bundle",
             "type": "searchset",
             "total": len(matches),
-            "link": [{"relation": "self", "url": str(request.url)}],
+            "link": links,
             "entry": [
                 {
                     "fullUrl": f"{profile.fhir_base}/AuditEvent/{m['id']}",
                     "resource": m,
                     "search": {"mode": "match"},
                 }
-                for m in matches[: search.count]
+                for m in matches[search.offset : end]
             ],
         }
         return Response(json.dumps(bundle), media_type=FHIR_JSON)
@@ -2164,13 +2178,20 @@ class SandboxEhr:
         with self._lock:
             events = [r for name, r in self._audit_by_id.values() if name == profile.name]
             calls = [(t, params) for t, name, params in self._epic_log if name == profile.name]
+        # reference -> appointment ids, built once: the page polls this every few seconds
+        by_reference: dict[str, list[str]] = {}
+        for appt in profile.appointments():
+            for ref in (f"Appointment/{appt.id}", f"Encounter/{appt.encounter_id}"):
+                by_reference.setdefault(ref, []).append(appt.id)
         found: dict[str, list[tuple[datetime, dict[str, str]]]] = {}
         for event in events:
             refs = {str(e.get("what", {}).get("reference")) for e in event.get("entity", [])}
-            for appt in profile.appointments():
-                if f"Appointment/{appt.id}" in refs or f"Encounter/{appt.encounter_id}" in refs:
-                    at = _recorded(event)
-                    found.setdefault(appt.id, []).append((at, _audit_line(event, at)))
+            hits = {appt_id for ref in refs for appt_id in by_reference.get(ref, ())}
+            if hits:
+                at = _recorded(event)
+                line = _audit_line(event, at)
+                for appt_id in hits:
+                    found.setdefault(appt_id, []).append((at, line))
         for received, params in calls:
             at = datetime.fromtimestamp(received, UTC)
             for appt_id in _epic_call_appointments(params):
@@ -2379,8 +2400,9 @@ _WRITEBACK_SCRIPT = """<script>
   function fill(data){
     document.querySelectorAll("ul.writebacks").forEach(function(ul){
       var lines=((data[ul.dataset.profile]||{})[ul.dataset.appointment])||[];
-      if(ul.childElementCount===lines.length){return;}
-      ul.textContent="";
+      var shown=JSON.stringify(lines);
+      if(ul.dataset.shown===shown){return;}
+      ul.dataset.shown=shown;ul.textContent="";
       lines.forEach(function(line){
         var li=document.createElement("li"),t=document.createElement("time");
         li.dataset.kind=line.kind;t.textContent=line.time;

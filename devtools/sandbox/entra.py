@@ -682,7 +682,7 @@ class SandboxEntra:
         return self._sign(claims)
 
     def verify_token(
-        self, token: str, *, audience: str, issuers: Iterable[str] | None = None
+        self, token: str, *, audience: str | Iterable[str], issuers: Iterable[str] | None = None
     ) -> dict[str, Any]:
         """Verify a token this stand-in issued (signature by kid, exp/nbf, aud, iss).
 

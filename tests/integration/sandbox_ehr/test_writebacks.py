@@ -113,6 +113,22 @@ def test_search_sorts_and_counts(
     assert entry["resource"]["meta"]["lastUpdated"].endswith("Z")
 
 
+def test_search_pages_with_a_next_link(
+    http: httpx.Client, ehr: SandboxEhr, stored: dict[str, str]
+) -> None:
+    first = _search(http, ehr, stored, entity=f"Appointment/{SOLO}", _sort="date", _count="2")
+    assert first["total"] == 3 and len(first["entry"]) == 2
+    following = [link["url"] for link in first["link"] if link["relation"] == "next"]
+    assert len(following) == 1
+    response = http.get(following[0], headers=stored)
+    assert response.status_code == 200, response.text
+    second = response.json()
+    assert second["total"] == 3 and _recorded(second) == ["2031-05-04T10:30:00Z"]
+    assert not [link for link in second["link"] if link["relation"] == "next"]
+    seen = {e["resource"]["id"] for e in first["entry"] + second["entry"]}
+    assert len(seen) == 3
+
+
 @pytest.mark.parametrize(
     "params",
     [
