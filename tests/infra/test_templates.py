@@ -192,13 +192,15 @@ def _bicep_list(text: str, name: str) -> list[str]:
 
 
 def _code_table_kinds() -> set[str]:
-    """Table kinds the connector reads and writes: ``table_name(region, "<kind>")`` and the
-    repositories' ``kind="<kind>", model=...``, anywhere in connector_core."""
+    """Table kinds the connector reads and writes: ``table_name(region, "<kind>")``, the
+    repositories' ``kind="<kind>", model=...`` and a module's ``TABLE_KIND = "<kind>"``,
+    anywhere in connector_core."""
     kinds: set[str] = set()
     for path in (REPO_ROOT / "connector_core").rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         kinds.update(re.findall(r"table_name\(\s*[\w.]+\s*,\s*\"(\w+)\"\s*\)", text))
         kinds.update(re.findall(r"kind=\"(\w+)\",\s*model=", text))
+        kinds.update(re.findall(r"^TABLE_KIND = \"(\w+)\"", text, re.M))  # a named kind
     return kinds
 
 

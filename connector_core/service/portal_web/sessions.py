@@ -58,7 +58,7 @@ COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Lax"
 _COOKIE_PURPOSE = "portal-session-cookie"
 _RECORD_PURPOSE = "portal-session-record"
 _ROW = "session"
-TABLE_KIND = "portalsessions"  # vv{region}portalsessions; the retention purge reads it too
+TABLE_KIND = "portalsessions"  # vv{region}portalsessions (the retention purge reads it too)
 ROW_KEY = _ROW
 
 
