@@ -85,6 +85,11 @@ def test_walkthrough_visit_page_and_device_check(fresh_stack: Stack, config: Ten
         assert join_url and join_url.startswith(s.sandbox.graph_url)
         assert app_url and app_url.startswith("msteams:/l/meetup-join/")
         driver.save_screenshot(str(SHOTS / "walkthrough-6-visit-page.png"))
+        # The subscription is made off the launch's path (docs/launch.md), and Graph sends no
+        # event that happened before it existed; a person takes longer than the worker to reach
+        # the meeting, a test on a busy machine need not.
+        meeting = s.sandbox.graph.meeting_by_join_url(join_url)
+        wait.until(lambda d: any(x.active for x in s.sandbox.graph.subscriptions_for(meeting.id)))
 
         # 2. The patient starts the visit (another tab) and waits in the meeting's lobby.
         driver.switch_to.new_window("tab")
@@ -153,9 +158,12 @@ def test_walkthrough_visit_page_and_device_check(fresh_stack: Stack, config: Ten
         def audit_lines(d: object) -> list[str]:
             return [e.text for e in driver.find_elements(By.CSS_SELECTOR, writebacks)]
 
-        wait.until(lambda d: any("patient connected" in line for line in audit_lines(d)))
-        wait.until(lambda d: any("patient disconnected" in line for line in audit_lines(d)))
-        assert any("clinician connected" in line for line in audit_lines(driver))
+        # Write-backs are at least once, not in order: a raced or retried one lands later.
+        for expected in ("clinician connected", "patient connected", "patient disconnected"):
+            wait.until(
+                lambda d, expected=expected: any(expected in line for line in audit_lines(d)),
+                f"no {expected!r} write-back on the EHR page: {audit_lines(driver)}",
+            )
         driver.save_screenshot(str(SHOTS / "walkthrough-11-ehr-writebacks.png"))
     assert waited < 2.5
 

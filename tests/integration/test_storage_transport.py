@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -32,14 +33,20 @@ def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts requests' reads of the proxy variables (``getproxies`` scans ``os.environ``)."""
+    """Counts this thread's reads of the proxy variables (``getproxies`` scans ``os.environ``).
+
+    Only this thread's: the patch is process-wide, and servers or timers other tests left running
+    (msal's and requests' own sessions read the environment on every call) would be counted too.
+    """
     import requests.utils
 
     reads: list[int] = []
     original: Callable[[], Any] = requests.utils.getproxies  # type: ignore[attr-defined]
+    test_thread = threading.get_ident()
 
     def counted() -> Any:
-        reads.append(1)
+        if threading.get_ident() == test_thread:
+            reads.append(1)
         return original()
 
     monkeypatch.setattr(requests.utils, "getproxies", counted)
