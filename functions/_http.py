@@ -33,6 +33,7 @@ __all__ = [
     "json_response",
     "problem_response",
     "read_json_body",
+    "request_cookies",
     "request_correlation_id",
 ]
 
@@ -51,6 +52,13 @@ def container() -> Container:
     from connector_core.bootstrap import get_container
 
     return get_container()
+
+
+def request_cookies(req: func.HttpRequest) -> dict[str, str]:
+    """The request's cookies (the first of a name wins, as browsers send the most specific)."""
+    from connector_core.service.portal_web.web import parse_cookies
+
+    return parse_cookies(str(req.headers.get("cookie", "") or ""))
 
 
 def request_correlation_id(req: func.HttpRequest) -> str:

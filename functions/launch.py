@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import azure.functions as func
 
 from connector_core.logs import correlation_id
-from functions._http import Handler, browser, container
+from functions._http import Handler, browser, container, request_cookies
 
 if TYPE_CHECKING:
     from connector_core.service.launch import LaunchResult, SetCookie
@@ -59,16 +59,6 @@ _LAUNCH_CSP = (
 # attribute, end the header or leave a JavaScript string.
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 _COOKIE_OCTETS = frozenset(chr(c) for c in range(0x21, 0x7F)) - frozenset('",;\\')
-
-
-def _cookies(req: func.HttpRequest) -> dict[str, str]:
-    """The request's cookies (first value wins, as browsers send the most specific first)."""
-    jar: dict[str, str] = {}
-    for part in req.headers.get("cookie", "").split(";"):
-        name, sep, value = part.strip().partition("=")
-        if sep and name and name not in jar:
-            jar[name] = value.strip().strip('"')
-    return jar
 
 
 def _query(req: func.HttpRequest) -> dict[str, str]:
@@ -281,7 +271,7 @@ def launch_callback(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.service import launch as service
 
     return _respond(
-        service.complete_launch(container(), query=_query(req), cookies=_cookies(req)),
+        service.complete_launch(container(), query=_query(req), cookies=request_cookies(req)),
         req,
         framed=_in_frame(req),
     )
@@ -294,7 +284,7 @@ def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.service import launch as service
 
     return _respond(
-        service.complete_sso(container(), query=_query(req), cookies=_cookies(req)),
+        service.complete_sso(container(), query=_query(req), cookies=request_cookies(req)),
         req,
         framed=_in_frame(req),
     )
@@ -306,6 +296,6 @@ def launch_sso_callback(req: func.HttpRequest) -> func.HttpResponse:
 def launch_wait(req: func.HttpRequest) -> func.HttpResponse:
     from connector_core.service import launch as service
 
-    result = service.poll_waiting(container(), cookies=_cookies(req))
+    result = service.poll_waiting(container(), cookies=request_cookies(req))
     wants_json = "application/json" in req.headers.get("accept", "")
     return _respond(result, req, framed=_in_frame(req), wants_json=wants_json)

@@ -39,6 +39,7 @@ from functions._http import (
     json_response,
     page_response,
     problem_response,
+    request_cookies,
     request_correlation_id,
 )
 
@@ -50,14 +51,6 @@ bp = func.Blueprint()
 _EVENT_ID = re.compile(r"^[0-9a-f]{16}$")
 REFRESH_SECONDS = 5
 _ROLE_LABELS = {"clinician": "Clinician (you)", "patient": "Patient / guest", "staff": "Staff"}
-
-
-def _cookie(req: func.HttpRequest, name: str) -> str | None:
-    for part in str(req.headers.get("cookie", "")).split(";"):
-        key, _, value = part.strip().partition("=")
-        if key == name and value:
-            return value
-    return None
 
 
 def _bearer(req: func.HttpRequest) -> str | None:
@@ -73,7 +66,7 @@ def _authorized_visit(req: func.HttpRequest) -> Visit:
         container(),
         req.route_params.get("visitKey", ""),
         bearer=_bearer(req),
-        visit_cookie=_cookie(req, VISIT_COOKIE),
+        visit_cookie=request_cookies(req).get(VISIT_COOKIE) or None,
     )
 
 

@@ -16,6 +16,7 @@ from connector_core.bootstrap import set_container
 from connector_core.service import launch as launch_service
 from connector_core.service.launch import LAUNCH_COOKIE_PREFIX, WAIT_COOKIE, LaunchResult, SetCookie
 from functions import launch
+from functions._http import request_cookies
 from tests.unit.launch_fakes import AS_ISSUER, FHIR, World, make_world
 
 
@@ -149,7 +150,7 @@ def test_waiting_page_refreshes_itself(world: World) -> None:
 
 def test_cookie_parsing_takes_the_first_value() -> None:
     request = _get("launch/wait", {}, cookies='a=1; b="2"; a=3; junk')
-    assert launch._cookies(request) == {"a": "1", "b": "2"}
+    assert request_cookies(request) == {"a": "1", "b": "2"}
 
 
 def _started(world: World) -> tuple[str, str]:
