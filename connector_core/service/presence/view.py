@@ -12,14 +12,12 @@ from connector_core.domain.models import ParticipantRole, ParticipantStatus, Vis
 from connector_core.domain.presence import ParticipantRecord, sort_participants
 from connector_core.domain.waiting import settle_arrival
 from connector_core.errors import AuthenticationError, PermissionDeniedError
+from connector_core.service.visit_cookie import VISIT_COOKIE
 
 if TYPE_CHECKING:
     from connector_core.bootstrap import Container
 
 __all__ = ["VISIT_COOKIE", "authorize_viewer", "participants_view"]
-
-
-VISIT_COOKIE = "__Host-vv-visit"
 
 
 def authorize_viewer(
