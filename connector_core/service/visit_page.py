@@ -47,7 +47,7 @@ def authorized_visit(
     """The visit, for its clinician only (``AuthenticationError``/``PermissionDeniedError``);
     a caller without a genuine credential for it learns nothing about which visits exist and
     costs no table read (the visit page's stream is anonymous-reachable and reconnects)."""
-    from connector_core.service.presence import authorize_viewer
+    from connector_core.service.presence.view import check_organizer
 
     if not bearer and not visit_cookie:
         raise AuthenticationError(
@@ -57,14 +57,15 @@ def authorized_visit(
     key = visit_key.lower()
     if not VISIT_KEY.match(key):
         raise NotFoundError("No such visit.")
+    claims = None
     if bearer:
-        container.portal_tokens.validate(bearer)  # genuine first; the organizer check below
+        claims = container.portal_tokens.validate(bearer)  # genuine first; the organizer below
     elif visit_cookie and all(k != key for k, _ in cookie_visits(container.keyring, visit_cookie)):
         # The cookie is the whole check (authorize_viewer's cookie branch): none for a bearer.
         raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
     visit = container.visits.get(key).record
-    if bearer:
-        authorize_viewer(container, visit, bearer=bearer, visit_cookie=None)
+    if claims is not None:
+        check_organizer(visit, claims)
     return visit
 
 

@@ -21,6 +21,8 @@ from functions.device_test import device_test
 from functions.visits import visit_events, visit_page
 from tests.unit.presence_fakes import (
     ORGANIZER,
+    STAFF_OID,
+    TENANT,
     VISIT_KEY,
     deliver,
     guest,
@@ -87,6 +89,30 @@ def test_page_of_another_visit_is_a_friendly_403_page(container: Container) -> N
     # The credential is checked before the visit is read: an unknown visit answers the same.
     assert page({"cookie": "__Host-vv-visit=not-sealed"}, "f" * 32).status_code == 401
     assert page(cookie_for(container, "b" * 32), "f" * 32).status_code == 403
+
+
+class _Tokens:
+    """Entra token validation: every token genuine, for one user; counts the checks."""
+
+    def __init__(self, oid: str, tid: str = TENANT) -> None:
+        self.claims = {"oid": oid, "tid": tid}
+        self.checks = 0
+
+    def validate(self, token: str) -> dict[str, str]:
+        self.checks += 1
+        return self.claims
+
+
+def test_a_bearer_token_opens_the_page_for_the_organizer_only(container: Container) -> None:
+    bearer = {"authorization": "Bearer t"}
+    for tokens, status in (
+        (_Tokens(ORGANIZER.upper()), 200),
+        (_Tokens(STAFF_OID), 403),  # same tenant, not the organizer
+        (_Tokens(ORGANIZER, tid="11111111-1111-4111-8111-111111111111"), 403),  # another tenant
+    ):
+        container.portal_tokens = tokens  # type: ignore[assignment]
+        assert page(bearer).status_code == status
+        assert tokens.checks == 1  # validated once, before the visit is read
 
 
 def test_stream_refusals_are_problem_json(container: Container) -> None:

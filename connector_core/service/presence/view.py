@@ -17,7 +17,7 @@ from connector_core.service.visit_cookie import VISIT_COOKIE
 if TYPE_CHECKING:
     from connector_core.bootstrap import Container
 
-__all__ = ["VISIT_COOKIE", "authorize_viewer", "participants_view"]
+__all__ = ["VISIT_COOKIE", "authorize_viewer", "check_organizer", "participants_view"]
 
 
 def authorize_viewer(
@@ -26,15 +26,7 @@ def authorize_viewer(
     """Only the visit's clinician: an Entra access token whose ``oid`` is the organizer's, or
     the visit cookie the provider launch set. ``AuthenticationError``/``PermissionDeniedError``."""
     if bearer:
-        claims = container.portal_tokens.validate(bearer)
-        oid = str(claims.get("oid", "")).lower()
-        tid = str(claims.get("tid", "")).lower()
-        if (
-            not visit.organizer_oid
-            or oid != visit.organizer_oid.lower()
-            or tid != visit.tenant_id.lower()  # an Entra user is its tid + oid, never oid alone
-        ):
-            raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
+        check_organizer(visit, container.portal_tokens.validate(bearer))
         return
     if visit_cookie:
         # The browser's recent visits, each until its own expiry (service/visit_cookie.py).
@@ -47,6 +39,18 @@ def authorize_viewer(
         "Sign in: open the visit from the EHR, or send an Entra access token.",
         action="Open the virtual visit from the EHR again.",
     )
+
+
+def check_organizer(visit: Visit, claims: dict[str, Any]) -> None:
+    """A validated Entra token's claims name the visit's organizer (``PermissionDeniedError``)."""
+    oid = str(claims.get("oid", "")).lower()
+    tid = str(claims.get("tid", "")).lower()
+    if (
+        not visit.organizer_oid
+        or oid != visit.organizer_oid.lower()
+        or tid != visit.tenant_id.lower()  # an Entra user is its tid + oid, never oid alone
+    ):
+        raise PermissionDeniedError("Only the visit's clinician can see who is connected.")
 
 
 def _time(value: datetime | None) -> str | None:
