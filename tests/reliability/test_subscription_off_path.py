@@ -42,14 +42,12 @@ def test_throttled_graph_does_not_hold_the_clinician_and_the_subscription_still_
     # Graph throttles every subscription create for a while (429, Retry-After: 1 s): the
     # worker's own in-process retries (4 tries) all fail, then the queue retries later.
     s.sandbox.graph.fail_next("subscriptions", 429, count=5, retry_after=1)
-    started = time.monotonic()
     landing = clinician_launch(s, s.browser(), config, SOLO, expect_signin=False)
-    launch_seconds = time.monotonic() - started
     assert landing.meeting_id
+    # The clinician is in the meeting while Graph still refuses the subscription (five refusals
+    # with Retry-After take the worker at least 4 s).
+    assert _active(s, str(landing.meeting_id)) == []
     active = wait_for(lambda: _active(s, str(landing.meeting_id)), timeout=40, what="subscription")
-    subscribed_seconds = time.monotonic() - started
-    # the clinician was in the meeting long before Graph let the subscription through
-    assert launch_seconds < 2.0 < subscribed_seconds, (launch_seconds, subscribed_seconds)
     time.sleep(0.5)
     assert len(_active(s, str(landing.meeting_id))) == 1
     key = s.container().keyring.keyed_hash("visit", config.id, "appointment", SOLO)
