@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from azure.storage.queue import QueueClient
 
 from connector_core.domain.presence import WritebackStatus
+from connector_core.errors import ConcurrencyConflictError
 from devtools.sandbox import seed
 from devtools.sandbox.graph import Meeting, Subscription
 from tests.stack import Browser, Stack
@@ -79,6 +80,19 @@ class LiveVisit:
 
     def visit(self) -> Any:
         return self.stack.container().visits.get(self.visit_key).record
+
+    def change_visit(self, **fields: Any) -> None:
+        """Set ``fields`` on the visit row, reading again when a worker or timer of the running
+        stack wrote it in between (as the connector's own writers do)."""
+        visits = self.stack.container().visits
+        for _ in range(10):
+            current = visits.get(self.visit_key)
+            try:
+                visits.update(current.record.model_copy(update=fields), etag=current.etag)
+                return
+            except ConcurrencyConflictError:
+                time.sleep(0.05)
+        raise AssertionError("the visit kept changing")
 
     def participants(self) -> list[Any]:
         """The visit's participant rows (one row each in the visit's partition)."""

@@ -140,16 +140,7 @@ def test_timer_renews_live_subscriptions_and_stops_after_the_visit(fresh_stack: 
     assert renewed.expires_at > container.clock() + timedelta(days=2)
 
     # The visit ended an hour ago: the next run stops renewing and deletes the subscription.
-    current = container.visits.get(live.visit_key)
-    container.visits.update(
-        current.record.model_copy(
-            update={
-                "status": VisitStatus.ENDED,
-                "ended_at": container.clock() - timedelta(hours=1),
-            }
-        ),
-        etag=current.etag,
-    )
+    live.change_visit(status=VisitStatus.ENDED, ended_at=container.clock() - timedelta(hours=1))
     _fire_timer(fresh_stack)
     wait_for(lambda: sub.deleted, what="the subscription to be deleted")
     # Graph's copy goes first, then the connector's record, in the same timer run
