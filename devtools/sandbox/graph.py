@@ -14,6 +14,8 @@ https://graph.microsoft.com, verified in process against the Entra stand-in's ke
     GET    /{v1.0|beta}/users?$search="displayName:..."   directory search (delegated token with
                                                           User.ReadBasic.All, or app User.Read.All)
     GET    /{v1.0|beta}/users?$filter=id in ('..','..')    users by object id (up to 15)
+    POST   /{v1.0|beta}/$batch                                JSON batching, up to 20 requests
+                                                          (GET /users only); answers in reverse
 
 Meeting page (what a person opens): each ``joinWebUrl`` is
 ``{graph_url}/l/meetup-join/19%3ameeting_{thread}%40thread.v2/0?context={"Tid","Oid"}`` like
@@ -816,6 +818,7 @@ class SandboxGraph:
             ),
             Route("/{ver}/subscriptions/{sub_id}/reauthorize", self._reauthorize, methods=["POST"]),
             Route("/{ver}/users", self._users, methods=["GET"]),
+            Route("/{ver}/$batch", self._batch, methods=["POST"]),
         ]
         page = [
             Route("/", self._index),
@@ -1393,6 +1396,76 @@ class SandboxGraph:
         self.requests.append((request.method, path, response.status_code))
         return response
 
+    async def _batch(self, request: Request) -> Response:
+        """``POST /v1.0/$batch`` (JSON batching): ``{"requests": [{"id", "method", "url",
+        "headers"?}]}``, 1 to 20 requests with distinct ids (compared ignoring case), ``url``
+        relative to the version (``/users?...``). Each is answered as if sent alone, with the
+        batch's ``Authorization`` (its own faults and status; a token that is not genuine fails
+        the whole batch with 401); the stand-in serves ``GET /users`` only. Responses come back
+        in reverse order: Graph promises no order, only the ids."""
+        path = request.url.path
+        ver = request.path_params.get("ver")
+        if ver not in ("v1.0", "beta"):
+            response: Response = _graph_error(400, "BadRequest", "Invalid version.")
+        elif (fault := self._take_fault(path)) is not None:
+            response = fault
+        else:
+            try:
+                self._batch_token(request)
+                steps = _batch_steps(await request.body())
+            except _ApiError as err:
+                response = _graph_error(err.status, err.code, err.message)
+            else:
+                answers = [await self._batch_step(request, str(ver), step) for step in steps]
+                response = JSONResponse({"responses": answers[::-1]})
+        self.requests.append((request.method, path, response.status_code))
+        return response
+
+    def _batch_token(self, request: Request) -> None:
+        """The batch's own token check (401); what it may do is checked per request."""
+        auth = request.headers.get("authorization", "")
+        try:
+            self.entra.verify_token(auth[7:].strip(), audience=[GRAPH_AUDIENCE, GRAPH_APP_ID])
+        except jwt.PyJWTError as exc:
+            raise _ApiError(
+                401, "InvalidAuthenticationToken", f"Access token validation failure. {exc}"
+            ) from exc
+
+    async def _batch_step(self, batch: Request, ver: str, step: dict[str, Any]) -> dict[str, Any]:
+        target, _, query = str(step["url"]).lstrip("/").partition("?")
+        if str(step["method"]).upper() != "GET" or target.rstrip("/").lower() != "users":
+            answer: Response = _graph_error(
+                400, "BadRequest", "The sandbox's $batch serves GET /users only."
+            )
+        else:
+            headers = [(b"authorization", batch.headers.get("authorization", "").encode())]
+            headers += [
+                (str(k).lower().encode(), str(v).encode())
+                for k, v in (step.get("headers") or {}).items()
+                if str(k).lower() != "authorization"
+            ]
+            answer = await self._users(
+                Request(
+                    {
+                        "type": "http",
+                        "method": "GET",
+                        "scheme": batch.url.scheme,
+                        "server": batch.scope.get("server"),
+                        "root_path": "",
+                        "path": f"/{ver}/users",
+                        "query_string": query.encode(),
+                        "headers": headers,
+                        "path_params": {"ver": ver},
+                    }
+                )
+            )
+        out: dict[str, Any] = {"id": step["id"], "status": answer.status_code}
+        retry_after = answer.headers.get("retry-after")
+        if retry_after is not None:
+            out["headers"] = {"Retry-After": retry_after}
+        out["body"] = json.loads(bytes(answer.body))
+        return out
+
     def _directory_claims(self, request: Request) -> dict[str, Any]:
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer ") or not auth[7:].strip():
@@ -1727,6 +1800,36 @@ def _tokens(text: str) -> list[str]:
 
 
 _ID_FILTER = re.compile(r"^\s*id\s+in\s*\((?P<ids>[^)]*)\)\s*$", re.IGNORECASE)
+
+
+MAX_BATCH_REQUESTS = 20  # Graph's limit for JSON batching
+
+
+def _batch_steps(raw: bytes) -> list[dict[str, Any]]:
+    """The requests of a JSON batch body; ``_ApiError`` 400 for what Graph refuses."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise _ApiError(400, "BadRequest", "Invalid batch payload format.") from None
+    steps = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(steps, list) or not steps:
+        raise _ApiError(400, "BadRequest", "Invalid batch payload format.")
+    if len(steps) > MAX_BATCH_REQUESTS:
+        raise _ApiError(400, "BadRequest", f"A batch holds at most {MAX_BATCH_REQUESTS} requests.")
+    seen: set[str] = set()
+    for step in steps:
+        if not (
+            isinstance(step, dict)
+            and all(isinstance(step.get(k), str) and step[k] for k in ("id", "method", "url"))
+            and isinstance(step.get("headers", {}), dict)
+        ):
+            raise _ApiError(400, "BadRequest", "Each request needs an id, a method and a url.")
+        if step["id"].lower() in seen:
+            raise _ApiError(400, "BadRequest", "Batch request ids must be unique.")
+        seen.add(step["id"].lower())
+        if "://" in step["url"]:
+            raise _ApiError(400, "BadRequest", "A batch request's url is relative (/users...).")
+    return steps
 
 
 def _parse_id_filter(text: str) -> set[str]:

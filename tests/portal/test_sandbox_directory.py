@@ -93,3 +93,83 @@ def test_malformed_searches_and_tokens_are_refused(stack: Stack, graph: httpx.Cl
     app_only = entra.mint_graph_token(CONTOSO_TID)  # meetings permissions only
     assert _search(graph, app_only, '"mail:a"').status_code == 403
     assert _search(graph, "not-a-token", '"mail:a"').status_code == 401
+
+
+# --- JSON batching and the reports page's name lookup ------------------------------------------
+
+
+def _contoso_oids(stack: Stack) -> list[str]:
+    return [u.oid for u in stack.sandbox.entra.users.values() if u.tid == CONTOSO_TID]
+
+
+def test_batch_answers_each_request_as_if_alone_and_refuses_what_graph_refuses(
+    stack: Stack, graph: httpx.Client
+) -> None:
+    entra = stack.sandbox.entra
+    token = entra.mint_delegated_graph_token(entra.persona("admin").upn)
+    auth = {"Authorization": f"Bearer {token}"}
+    oid = _contoso_oids(stack)[0]
+    steps = [
+        {"id": "a", "method": "GET", "url": f"/users?$filter=id in ('{oid}')&$select=id"},
+        {"id": "b", "method": "GET", "url": "/users?$search=%22mail:admin%22"},  # no header
+    ]
+    answered = graph.post("/$batch", json={"requests": steps}, headers=auth)
+    assert answered.status_code == 200
+    by_id = {r["id"]: r for r in answered.json()["responses"]}
+    assert by_id["a"]["status"] == 200 and by_id["a"]["body"]["value"] == [{"id": oid}]
+    assert by_id["b"]["status"] == 400  # ConsistencyLevel is per request, as alone
+    assert [r["id"] for r in answered.json()["responses"]] == ["b", "a"]  # no order promised
+
+    one = {"method": "GET", "url": "/users"}
+    too_many = [{"id": str(n), **one} for n in range(21)]
+    for body in (
+        {"requests": too_many},
+        {"requests": [{"id": "x", **one}, {"id": "X", **one}]},  # ids ignore case
+        {
+            "requests": [
+                {"id": "1", "method": "GET", "url": f"{stack.sandbox.graph_url}/v1.0/users"}
+            ]
+        },
+        {"value": []},
+    ):
+        assert graph.post("/$batch", json=body, headers=auth).status_code == 400
+    unsigned = graph.post("/$batch", json={"requests": [{"id": "1", **one}]})
+    assert unsigned.status_code == 401  # the batch's own token, before any request
+    app_only = entra.mint_graph_token(CONTOSO_TID)  # genuine, without directory permissions
+    refused = graph.post(
+        "/$batch",
+        json={"requests": [{"id": "1", **one}]},
+        headers={"Authorization": f"Bearer {app_only}"},
+    )
+    assert refused.status_code == 200 and refused.json()["responses"][0]["status"] == 403
+
+
+def test_names_take_one_batch_for_300_ids_and_keep_what_graph_answered(stack: Stack) -> None:
+    from connector_core.adapters.graph_directory import DirectorySearch
+
+    entra = stack.sandbox.entra
+    token = entra.mint_delegated_graph_token(entra.persona("admin").upn)
+    known = _contoso_oids(stack)[:3]
+    unknown = [f"00000000-0000-4000-8000-{n:012d}" for n in range(297)]
+    # the known ids fall in the 1st, 2nd and 3rd "id in" filter of 15
+    wanted = [known[0], *unknown[:15], known[1], *unknown[15:29], known[2], *unknown[29:]]
+    assert len(wanted) == 300
+    with httpx.Client(timeout=10) as http:
+        directory = DirectorySearch(http=http, graph_base_url=stack.sandbox.graph_url)
+        before = len(stack.sandbox.graph.requests)
+        names = directory.names(token, wanted)
+        calls = stack.sandbox.graph.requests[before:]
+        assert names == {o.lower(): entra.users[o].display_name for o in known}
+        assert [c for c in calls if c[0] == "POST"] == [("POST", "/v1.0/$batch", 200)]
+        assert len([c for c in calls if c[1] == "/v1.0/users"]) == 20
+
+        # Graph throttles one request of the batch: the others' names are kept.
+        stack.sandbox.graph.fail_next("/v1.0/users", 429, count=1)
+        partial = directory.names(token, wanted)
+        assert partial == {o.lower(): names[o.lower()] for o in known[1:]}
+
+        # 301 ids: two batches.
+        before = len(stack.sandbox.graph.requests)
+        directory.names(token, [*wanted, "00000000-0000-4000-8000-999999999999"])
+        posts = [c for c in stack.sandbox.graph.requests[before:] if c[0] == "POST"]
+        assert len(posts) == 2
