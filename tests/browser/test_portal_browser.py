@@ -473,6 +473,35 @@ def test_the_admin_creates_a_configuration_by_keyboard_alone(
     keys.reset_actions()
 
 
+def test_the_approver_picker_keeps_its_list_and_its_choice_against_late_timers(
+    stack: Stack, ehr: SandboxEhr, driver: Any
+) -> None:
+    """Two timers of the picker must not undo what the user just did: the close that follows a
+    blur (the user came back within it) and a search still waiting for the typing to pause
+    (the user chose from the list already shown; its answer would open the list again)."""
+    from selenium.webdriver.common.keys import Keys
+
+    portal = Portal(driver, stack)
+    portal.sign_in("admin")
+    portal.click("#new-config")
+    upn = stack.sandbox.entra.persona("approver").upn
+    box = portal.type_into("#approverUpn", "thorn")
+    portal.css(f'#approver-options [role="option"][data-upn="{upn}"]')
+    portal.wait.until(lambda d: box.get_attribute("aria-expanded") == "true")
+
+    driver.execute_script("arguments[0].blur(); arguments[0].focus();", box)
+    time.sleep(0.5)  # past the 150 ms close that the blur scheduled
+    assert box.get_attribute("aria-expanded") == "true"
+
+    # Typing schedules a search for 250 ms later; the user picks from the list shown before it.
+    box.send_keys(Keys.BACKSPACE, Keys.ARROW_DOWN, Keys.ENTER)
+    assert box.get_attribute("value") == upn
+    time.sleep(1.0)  # the search would have run and answered by now (the UPN finds the user)
+    assert box.get_attribute("value") == upn
+    assert box.get_attribute("aria-expanded") == "false"
+    assert "/configs/new" in driver.current_url or portal.css("#config-form")  # not submitted
+
+
 def test_the_patients_pages_in_chromium_with_axe(
     stack: Stack, ehr: SandboxEhr, driver: Any
 ) -> None:

@@ -35,6 +35,7 @@
     var options = [];
     var active = -1;
     var timer = null;
+    var blurTimer = null;
     var sequence = 0;
 
     function text(name, values) {
@@ -74,6 +75,10 @@
     function choose(index) {
       var person = options[index];
       if (!person) return;
+      // A search still waiting for the typing to pause, or on its way, is moot now: without
+      // this, its answer would open the list again over the chosen value.
+      window.clearTimeout(timer);
+      sequence++;
       input.value = person.upn;
       close();
       announce(status, text("selected", { name: person.name, upn: person.upn }));
@@ -175,7 +180,10 @@
         }
       }
     });
-    input.addEventListener("blur", function () { window.setTimeout(close, 150); });
+    // Closing waits a moment after a blur (a click on an option lands first); coming back
+    // within it keeps the list, so the arrow keys and Enter act on what is shown.
+    input.addEventListener("focus", function () { window.clearTimeout(blurTimer); });
+    input.addEventListener("blur", function () { blurTimer = window.setTimeout(close, 150); });
   }
 
   function selectText(element) {
