@@ -82,6 +82,7 @@ def test_no_names_or_ehr_ids_anywhere_after_the_whole_session(fresh_stack: Stack
 
 def _delimited(value: str) -> re.Pattern[str]:
     """``value`` in any letter case, standing as a word or value of its own. Sealed values are
-    megabytes of random base64url, where a six-letter name turns up in some letter case about
-    once in a few hundred sessions; exactly as written (checked above) it practically never."""
+    random base64url, where a six-letter name matches in some letter case with a chance of
+    (2/64)^6 per position (about 1e-9, over megabytes of them); exactly as written (checked
+    above), (1/64)^6."""
     return re.compile(rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])", re.IGNORECASE)
