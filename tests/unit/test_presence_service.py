@@ -270,6 +270,47 @@ def test_group_commit_failure_reaches_every_request_of_the_batch(container: Cont
     assert all(type(r).__name__ == "StorageUnavailableError" for r in results)
 
 
+class StallingQueue(InMemoryMessageQueue):
+    """A queue whose sends hang until released (a storage call that stalls for many seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def send_message(self, queue: str, body: str, *, visibility_timeout: int | None = None) -> None:
+        self.release.wait(10)
+        super().send_message(queue, body, visibility_timeout=visibility_timeout)
+
+
+def test_a_stalled_queue_is_a_503_within_the_deadline_and_loses_nothing(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from connector_core.errors import StorageUnavailableError
+    from connector_core.service.presence import intake
+
+    monkeypatch.setattr(intake, "ACK_DEADLINE_SECONDS", 0.3)
+    stalled = StallingQueue()
+    container.queue = stalled
+    started = time.monotonic()
+    results = run_concurrently(container, 6)  # both send slots stall; the others wait for one
+    waited = time.monotonic() - started
+    assert all(isinstance(r, StorageUnavailableError) for r in results), results
+    assert waited < 2.0  # each answered at its deadline, not when storage gave up
+    stalled.release.set()  # storage comes back: what was being written lands
+    commit = container.presence.group_commit
+    deadline = time.monotonic() + 5
+    while commit._inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    landed = [json.loads(b) for b in stalled.queues[PRESENCE_QUEUE]]
+    assert landed and commit._inflight == 0
+    # Graph delivers them again; the retries go through, and the worker takes each event once.
+    assert run_concurrently(container, 6) == [None] * 6
+    drain(container, rounds=50)
+    assert len(writer(container).audit_events) == 6
+
+
 def test_group_commit_splits_what_does_not_fit_one_message(container: Container) -> None:
     slow = SlowQueue(delay=0)
     container.queue = slow

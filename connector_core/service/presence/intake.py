@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,11 @@ MAX_PENDING_LOOKUPS = 4
 # Once an item of the request has proven to come from Graph (its clientState matched).
 MAX_LOOKUPS_VERIFIED = 64
 MAX_DROP_LOGS = 3
-_GROUP_COMMIT_TIMEOUT = 10.0
+# A request's events are stored within this, or it answers 503 and Graph delivers them again:
+# Graph wants an answer within 3 s and slows down, then drops, notifications to an endpoint that
+# keeps answering late. A send that lands after the 503 only duplicates events, which the worker
+# folds away (at least once, like Graph itself). The storage client's own timeouts are longer.
+ACK_DEADLINE_SECONDS = 2.5
 # Sends in flight at once: one at a time makes every request wait a whole storage round trip
 # behind the previous batch; a few in parallel keep batches large and waits short.
 MAX_INFLIGHT_SENDS = 2
@@ -103,13 +108,15 @@ class _Pending:
 class GroupCommit:
     """Concurrent webhook requests share queue messages (group commit).
 
-    Each request waits until its events are durably in the queue before it answers 202. Up to
-    ``MAX_INFLIGHT_SENDS`` messages are being written at once; events arriving meanwhile
-    accumulate and leave together in the next message. Under light load every batch has one
-    request; under a burst the batches grow, so the per-event cost of the storage call shrinks
-    exactly when it matters. A batch leaves as soon as a send slot is free, except under load
-    (other requests on their way, ``arriving``, or a send moments ago), when it lingers a few
-    milliseconds (``LINGER_SECONDS``) for more events to share it.
+    Each request waits until its events are durably in the queue before it answers 202, and at
+    most ``ACK_DEADLINE_SECONDS`` (then it fails with ``StorageUnavailableError``: 503). Up to
+    ``MAX_INFLIGHT_SENDS`` messages are being written at once, each by a thread of the commit's
+    own (a stalled storage call holds that thread, never a request past its deadline); events
+    arriving meanwhile accumulate and leave together in the next message. Under light load
+    every batch has one request; under a burst the batches grow, so the per-event cost of the
+    storage call shrinks exactly when it matters. A batch leaves as soon as a send slot is
+    free, except under load (other requests on their way, ``arriving``, or a send moments ago),
+    when it lingers a few milliseconds (``LINGER_SECONDS``) for more events to share it.
     """
 
     def __init__(self) -> None:
@@ -118,6 +125,7 @@ class GroupCommit:
         self._inflight = 0
         self._arriving = 0
         self._last_send = float("-inf")
+        self._senders: ThreadPoolExecutor | None = None
         self.sends = 0  # queue messages written (for tests and the benchmark)
 
     @contextlib.contextmanager
@@ -151,38 +159,47 @@ class GroupCommit:
         return batch
 
     def send(self, container: Container, payloads: list[str]) -> None:
-        """Return once ``payloads`` (PresenceMessage JSON) are in the queue; raise if not."""
+        """Return once ``payloads`` (PresenceMessage JSON) are in the queue; raise if not, or
+        if that takes longer than ``ACK_DEADLINE_SECONDS``."""
+        deadline = time.monotonic() + ACK_DEADLINE_SECONDS
         chunk: list[str] = []
         size = 0
         for payload in payloads:
             if chunk and (size + len(payload) > MAX_BATCH_BYTES or len(chunk) >= MAX_BATCH_ITEMS):
-                self._send_chunk(container, chunk)
+                self._send_chunk(container, chunk, deadline)
                 chunk, size = [], 0
             chunk.append(payload)
             size += len(payload) + 1
         if chunk:
-            self._send_chunk(container, chunk)
+            self._send_chunk(container, chunk, deadline)
+
+    def _start_send(self, container: Container, batch: list[_Pending]) -> None:
+        """Lock held: hand ``batch`` to a sender thread."""
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(
+                max_workers=MAX_INFLIGHT_SENDS, thread_name_prefix="presence-send"
+            )
+        self._inflight += 1
+        self._senders.submit(self._send_batch, container, batch)
 
     def _send_batch(self, container: Container, batch: list[_Pending]) -> None:
-        """Called with the lock held; releases it around the storage call."""
-        self._inflight += 1
-        self._cond.release()
+        """A sender thread: write one message, then tell the batch's requests."""
         error: BaseException | None = None
         try:
             items = [p for pending in batch for p in pending.payloads]
             body = items[0] if len(items) == 1 else '{"v":1,"items":[' + ",".join(items) + "]}"
             container.queue.send_message(PRESENCE_QUEUE, body)
-        except BaseException as exc:  # reported to every request of the batch
+        except BaseException as exc:  # reported to every request of the batch still waiting
             error = exc
         finally:
-            self._cond.acquire()
-            self.sends += 1
-            for pending in batch:
-                pending.done, pending.error = True, error
-                pending.finished.set()
-            self._inflight -= 1
-            if self._pending:
-                self._cond.notify_all()  # a send slot is free for what waits
+            with self._cond:
+                self.sends += 1
+                for pending in batch:
+                    pending.done, pending.error = True, error
+                    pending.finished.set()
+                self._inflight -= 1
+                if self._pending:
+                    self._cond.notify_all()  # a send slot is free for what waits
 
     def _linger(self, now: float) -> float:
         """Lock held: how long the pending batch should still wait for company (0: send)."""
@@ -192,10 +209,8 @@ class GroupCommit:
             return 0.0
         return max(0.0, self._pending[0].arrived + LINGER_SECONDS - now)
 
-    def _send_chunk(self, container: Container, payloads: list[str]) -> None:
-        now = time.monotonic()
-        mine = _Pending(payloads, arrived=now)
-        deadline = now + _GROUP_COMMIT_TIMEOUT
+    def _send_chunk(self, container: Container, payloads: list[str], deadline: float) -> None:
+        mine = _Pending(payloads, arrived=time.monotonic())
         with self._cond:
             self._pending.append(mine)
             while not mine.taken:
@@ -205,7 +220,7 @@ class GroupCommit:
                         self._cond.wait(wait)
                         continue
                     self._last_send = time.monotonic()
-                    self._send_batch(container, self._take())
+                    self._start_send(container, self._take())
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -213,8 +228,10 @@ class GroupCommit:
                         self._pending.remove(mine)
                     raise StorageUnavailableError("The event queue is too slow; retry.")
                 self._cond.wait(left)  # for a free send slot
-        # Taken: its batch is being written (the storage client's own timeouts bound that).
-        mine.finished.wait()
+        # Taken: its batch is being written.
+        if not mine.finished.wait(max(0.0, deadline - time.monotonic())):
+            # It may still land: Graph's redelivery then duplicates events the worker ignores.
+            raise StorageUnavailableError("The event queue did not confirm in time; retry.")
         if mine.error is not None:
             raise mine.error
 
