@@ -25,7 +25,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +109,8 @@ class GroupCommit:
 
     Each request waits until its events are durably in the queue before it answers 202, and at
     most ``ACK_DEADLINE_SECONDS`` (then it fails with ``StorageUnavailableError``: 503). Up to
-    ``MAX_INFLIGHT_SENDS`` messages are being written at once, each by a thread of the commit's
-    own (a stalled storage call holds that thread, never a request past its deadline); events
+    ``MAX_INFLIGHT_SENDS`` messages are being written at once, each by a sender thread (a
+    stalled storage call holds that thread, never a request past its deadline); events
     arriving meanwhile accumulate and leave together in the next message. Under light load
     every batch has one request; under a burst the batches grow, so the per-event cost of the
     storage call shrinks exactly when it matters. A batch leaves as soon as a send slot is
@@ -125,7 +124,6 @@ class GroupCommit:
         self._inflight = 0
         self._arriving = 0
         self._last_send = float("-inf")
-        self._senders: ThreadPoolExecutor | None = None
         self.sends = 0  # queue messages written (for tests and the benchmark)
 
     @contextlib.contextmanager
@@ -174,13 +172,13 @@ class GroupCommit:
             self._send_chunk(container, chunk, deadline)
 
     def _start_send(self, container: Container, batch: list[_Pending]) -> None:
-        """Lock held: hand ``batch`` to a sender thread."""
-        if self._senders is None:
-            self._senders = ThreadPoolExecutor(
-                max_workers=MAX_INFLIGHT_SENDS, thread_name_prefix="presence-send"
-            )
+        """Lock held: hand ``batch`` to a sender thread of its own (at most
+        ``MAX_INFLIGHT_SENDS`` at once; none idles between bursts). A daemon: a process that
+        stops mid-send has answered, or will never answer, its requests, so Graph retries."""
         self._inflight += 1
-        self._senders.submit(self._send_batch, container, batch)
+        threading.Thread(
+            target=self._send_batch, args=(container, batch), name="presence-send", daemon=True
+        ).start()
 
     def _send_batch(self, container: Container, batch: list[_Pending]) -> None:
         """A sender thread: write one message, then tell the batch's requests."""
