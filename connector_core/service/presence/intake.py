@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,6 +125,7 @@ class GroupCommit:
         self._inflight = 0
         self._arriving = 0
         self._last_send = float("-inf")
+        self._senders: ThreadPoolExecutor | None = None
         self.sends = 0  # queue messages written (for tests and the benchmark)
 
     @contextlib.contextmanager
@@ -172,13 +174,16 @@ class GroupCommit:
             self._send_chunk(container, chunk, deadline)
 
     def _start_send(self, container: Container, batch: list[_Pending]) -> None:
-        """Lock held: hand ``batch`` to a sender thread of its own (at most
-        ``MAX_INFLIGHT_SENDS`` at once; none idles between bursts). A daemon: a process that
-        stops mid-send has answered, or will never answer, its requests, so Graph retries."""
+        """Lock held: hand ``batch`` to a sender thread. The pool's threads live as long as
+        this commit (one per process; a dropped container's end when it is collected). A new
+        thread per message cost more: ``Thread.start`` waits, lock held, until the thread
+        runs, which at 500 notifications a second put the answers' p50 at 230 ms, not 25."""
+        if self._senders is None:
+            self._senders = ThreadPoolExecutor(
+                max_workers=MAX_INFLIGHT_SENDS, thread_name_prefix="presence-send"
+            )
         self._inflight += 1
-        threading.Thread(
-            target=self._send_batch, args=(container, batch), name="presence-send", daemon=True
-        ).start()
+        self._senders.submit(self._send_batch, container, batch)
 
     def _send_batch(self, container: Container, batch: list[_Pending]) -> None:
         """A sender thread: write one message, then tell the batch's requests."""
