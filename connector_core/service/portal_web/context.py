@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from connector_core.errors import ConnectorError, NotFoundError, PermissionDeniedError
+from connector_core.errors import (
+    AuthenticationError,
+    ConnectorError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from connector_core.logs import correlation_id, get_logger, log_event
 from connector_core.service.portal_web import i18n
 from connector_core.service.portal_web.i18n import N_
@@ -111,6 +116,21 @@ class PortalAdapters:
     sessions: SessionStore
     signin: PortalSignIn
     directory: DirectorySearch
+
+    def graph_token(self, session: PortalSession) -> str:
+        """The signed-in user's delegated Graph token from the session's msal cache (kept again
+        when msal refreshed it); ``AuthenticationError`` without one (callers check first, to
+        say so their own way), ``DependencyError`` as msal's."""
+        if not session.home_account_id or not session.token_cache:
+            raise AuthenticationError("Sign in again to use Microsoft Graph.")
+        token, cache = self.signin.graph_token(
+            tenant_id=session.caller.tenant_id,
+            home_account_id=session.home_account_id,
+            token_cache=session.token_cache,
+        )
+        if cache is not None:
+            self.sessions.save_token_cache(session, cache)
+        return token
 
 
 _installed: tuple[Container, PortalAdapters] | None = None

@@ -606,13 +606,7 @@ def directory_search(page: Page) -> WebResponse:
     if not session.home_account_id or not session.token_cache:
         return page.json({"error": page.t(N_("Sign in again to search the directory."))}, 401)
     try:
-        token, cache = adapters.signin.graph_token(
-            tenant_id=session.caller.tenant_id,
-            home_account_id=session.home_account_id,
-            token_cache=session.token_cache,
-        )
-        if cache is not None:
-            adapters.sessions.save_token_cache(session, cache)
+        token = adapters.graph_token(session)
         people = adapters.directory.search(token, page.req.form.get("q", ""))
     except (AuthenticationError, DependencyError) as error:
         log_event(_log, "portal.directory_failed", level=30, error=type(error).__name__)

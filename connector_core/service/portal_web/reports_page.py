@@ -111,14 +111,7 @@ def _names(page: Page, session: PortalSession, oids: list[str]) -> dict[str, str
         return {}
     adapters = adapters_for(page.root)
     try:
-        token, cache = adapters.signin.graph_token(
-            tenant_id=session.caller.tenant_id,
-            home_account_id=session.home_account_id,
-            token_cache=session.token_cache,
-        )
-        if cache is not None:
-            adapters.sessions.save_token_cache(session, cache)
-        return adapters.directory.names(token, oids)
+        return adapters.directory.names(adapters.graph_token(session), oids)
     except (AuthenticationError, DependencyError) as error:
         log_event(_log, "portal.report_names_failed", level=30, error=type(error).__name__)
         return {}
