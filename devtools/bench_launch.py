@@ -47,14 +47,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
 from devtools._timing import ClockReading, HandlerClock, timed
 
-__all__ = ["run_launch_bench"]
+if TYPE_CHECKING:
+    from devtools.sandbox import Sandbox
+
+__all__ = ["connector_stack", "run_launch_bench"]
 
 PRACTITIONER = "prac-7f3a91c2"
 PATIENT = "pat-3c9e1f40"
@@ -272,6 +275,32 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def connector_stack(
+    stack: contextlib.ExitStack, url: str, **settings: str
+) -> tuple[Sandbox, dict[str, str]]:
+    """Azurite, the sandbox and the connector's settings in ``os.environ`` (its logs quiet)
+    for a bench's connector at ``url``, each undone when ``stack`` closes; ``settings``
+    override. Returns the sandbox and the settings."""
+    from devtools.azurite import Azurite
+    from devtools.dev_secrets import dev_secret_settings
+    from devtools.sandbox import Sandbox
+
+    stack.enter_context(_quiet("devtools.host", "connector", "azure"))
+    azurite = stack.enter_context(Azurite())
+    sandbox = stack.enter_context(Sandbox(connector_url=url))
+    env = {
+        "CONNECTOR_REGION": "americas",
+        "CONNECTOR_PUBLIC_URL": url,
+        "CONNECTOR_STORAGE": azurite.connection_string,
+        "CONNECTOR_DEV_MODE": "1",
+        **dev_secret_settings(),
+        **sandbox.connector_settings(),
+        **settings,
+    }
+    stack.enter_context(_environ(env))
+    return sandbox, env
 
 
 @contextlib.contextmanager
@@ -697,10 +726,7 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
     from connector_core.domain.visit_keys import ehr_user_key
     from connector_core.settings import Settings
     from devtools._serve import free_port
-    from devtools.azurite import Azurite
-    from devtools.dev_secrets import dev_secret_settings
     from devtools.host import LocalHost
-    from devtools.sandbox import Sandbox
     from devtools.seed_config import add_approved_config
 
     # 100 launches a scenario: a p95 of 40 was the third slowest, which any passing stall of the
@@ -709,18 +735,7 @@ def run_launch_bench(quick: bool = False, iterations: int | None = None) -> dict
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_quiet("devtools.host", "connector", "azure"))
-        azurite = stack.enter_context(Azurite())
-        sandbox = stack.enter_context(Sandbox(connector_url=url))
-        env = {
-            "CONNECTOR_REGION": "americas",
-            "CONNECTOR_PUBLIC_URL": url,
-            "CONNECTOR_STORAGE": azurite.connection_string,
-            "CONNECTOR_DEV_MODE": "1",
-            **dev_secret_settings(),
-            **sandbox.connector_settings(),
-        }
-        stack.enter_context(_environ(env))
+        sandbox, env = connector_stack(stack, url)
         names = {
             sandbox.ehr_url: "ehr",
             sandbox.graph_url: "graph",

@@ -76,30 +76,15 @@ def run_reports_bench(quick: bool = False) -> dict[str, Any]:
     import function_app
     from connector_core.bootstrap import reset_container
     from devtools._serve import free_port
-    from devtools.azurite import Azurite
-    from devtools.bench_launch import _environ, _quiet
-    from devtools.dev_secrets import dev_secret_settings
+    from devtools.bench_launch import connector_stack
     from devtools.host import LocalHost
-    from devtools.sandbox import Sandbox
     from devtools.sandbox.entra import AUDITOR_ROLE
 
     runs = 3 if quick else 7
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_quiet("devtools.host", "connector", "azure"))
-        azurite = stack.enter_context(Azurite())
-        sandbox = stack.enter_context(Sandbox(connector_url=url))
-        env = {
-            "CONNECTOR_REGION": "americas",
-            "CONNECTOR_PUBLIC_URL": url,
-            "CONNECTOR_STORAGE": azurite.connection_string,
-            "CONNECTOR_DEV_MODE": "1",
-            "ENTRA_API_AUDIENCE": "",
-            **dev_secret_settings(),
-            **sandbox.connector_settings(),
-        }
-        stack.enter_context(_environ(env))
+        sandbox, _ = connector_stack(stack, url, ENTRA_API_AUDIENCE="")
         reset_container()
         stack.callback(reset_container)
         from connector_core.bootstrap import get_container
