@@ -2,13 +2,7 @@
 // speaker tone, all local. The page's CSP allows no connections, so nothing can be sent.
 (function () {
   "use strict";
-  // The base template puts this script in <head>: start once the page is parsed.
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-  function start() {
+  // The base template puts this script at the end of <body>: the page is parsed.
   var root = document.getElementById("device-test");
   if (!root) { return; }
   var text = JSON.parse(root.getAttribute("data-results") || "{}");
@@ -86,5 +80,4 @@
   });
   document.getElementById("heard-yes").addEventListener("click", function () { result("speaker-result", "ok", text.speakerOk); });
   document.getElementById("heard-no").addEventListener("click", function () { result("speaker-result", "problem", text.speakerNo); });
-  }
 })();

@@ -2,13 +2,7 @@
 // keep the list of who is here current from the event stream, or by polling where that fails.
 (function () {
   "use strict";
-  // The base template puts this script in <head>: start once the page is parsed.
-  if (document.readyState === "loading") {
-    document.addEventListener("DOMContentLoaded", start);
-  } else {
-    start();
-  }
-  function start() {
+  // The base template puts this script at the end of <body>: the page is parsed.
   var root = document.getElementById("visit");
   if (!root) { return; }
   var labels = JSON.parse(root.getAttribute("data-labels") || "{}");
@@ -105,5 +99,4 @@
   // The stream ends every few seconds and reconnects by itself (readyState CONNECTING); a
   // refusal (401/403) or a proxy that breaks it closes it: then poll instead.
   source.onerror = function () { if (source.readyState === 2) { poll(); } };
-  }
 })();
