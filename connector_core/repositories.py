@@ -451,6 +451,23 @@ class _SingleRowRepository(Generic[R]):
     def _delete(self, key: str) -> None:
         self._store.delete_entity(self._table, key, self.row_key)
 
+    def _stale(
+        self, written_before: datetime, limit: int, start: str
+    ) -> builtins.list[tuple[str, Versioned[R]]]:
+        """``(partition key, record)`` of the records not written since ``written_before``
+        (retention timer candidates; ``EntityStore.scan_entities``)."""
+        rows = self._store.scan_entities(
+            self._table,
+            limit=limit,
+            row_key=self.row_key,
+            written_before=written_before,
+            start=start,
+        )
+        return [
+            (str(e["PartitionKey"]), Versioned[R](record=self._codec.decode(e), etag=t))
+            for e, t in rows
+        ]
+
 
 class MappingRepository(_SingleRowRepository[EhrUserMapping]):
     row_key = "map"
@@ -472,14 +489,7 @@ class MappingRepository(_SingleRowRepository[EhrUserMapping]):
     ) -> builtins.list[Versioned[EhrUserMapping]]:
         """Mappings not written since ``written_before`` (a launch rewrites a mapping it uses
         at most once a day, so these are the long-unused ones; retention timer)."""
-        rows = self._store.scan_entities(
-            self._table,
-            limit=limit,
-            row_key=self.row_key,
-            written_before=written_before,
-            start=start,
-        )
-        return [Versioned[EhrUserMapping](record=self._codec.decode(e), etag=t) for e, t in rows]
+        return [found for _, found in self._stale(written_before, limit, start)]
 
     def remove(self, ehr_user_key: str, *, etag: str) -> bool:
         """Delete if unchanged since read (a launch that just used it wins)."""
@@ -546,10 +556,7 @@ class VisitRepository(_SingleRowRepository[Visit]):
         self, *, written_before: datetime, limit: int, start: str = ""
     ) -> builtins.list[Versioned[Visit]]:
         """Visit rows not written since ``written_before`` (retention timer candidates)."""
-        rows = self._store.scan_entities(
-            self._table, limit=limit, row_key=VISIT_ROW, written_before=written_before, start=start
-        )
-        return [Versioned[Visit](record=self._codec.decode(e), etag=t) for e, t in rows]
+        return [found for _, found in self._stale(written_before, limit, start)]
 
     def purge(self, visit_key: str, *, etag: str) -> int | None:
         """Delete the visit's partition if its visit row is still as read (``etag``). Returns
@@ -831,20 +838,7 @@ class SubscriptionRepository(_SingleRowRepository[GraphSubscription]):
     ) -> builtins.list[tuple[str, Versioned[GraphSubscription]]]:
         """``(partition key, record)`` of subscription and pending records not written since
         ``written_before`` (renewal rewrites live ones; retention timer candidates)."""
-        rows = self._store.scan_entities(
-            self._table,
-            limit=limit,
-            row_key=self.row_key,
-            written_before=written_before,
-            start=start,
-        )
-        return [
-            (
-                str(e["PartitionKey"]),
-                Versioned[GraphSubscription](record=self._codec.decode(e), etag=t),
-            )
-            for e, t in rows
-        ]
+        return self._stale(written_before, limit, start)
 
     def remove_stale(self, partition_key: str, *, etag: str) -> bool:
         """Delete a record found by ``stale`` if unchanged (a renewal wins), and its index row."""
