@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import azure.functions as func
@@ -11,7 +10,7 @@ import pytest
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 
-from connector_core.bootstrap import Container, reset_container, set_container
+from connector_core.bootstrap import Container
 from connector_core.service.presence import POISON_QUEUE, PRESENCE_QUEUE
 from functions.presence import (
     HOST_MAX_DEQUEUE_COUNT,
@@ -24,23 +23,15 @@ from functions.visits import visit_participants
 from tests.unit.presence_fakes import (
     ORGANIZER,
     VISIT_KEY,
+    container_fixture,  # noqa: F401 (the "container" fixture)
     deliver,
     guest,
     item,
-    make_container,
     queued,
     roster_event,
     store_of,
     user,
 )
-
-
-@pytest.fixture
-def container() -> Iterator[Container]:
-    c = make_container()
-    set_container(c)
-    yield c
-    reset_container()
 
 
 def post(route: str, body: bytes = b"", params: dict[str, str] | None = None) -> func.HttpRequest:

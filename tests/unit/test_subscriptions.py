@@ -3,13 +3,10 @@ before its record is stored are still accepted (the pending record), and nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-import pytest
-
-from connector_core.bootstrap import Container, reset_container, set_container
+from connector_core.bootstrap import Container
 from connector_core.service.presence import MAX_PENDING_LOOKUPS, accept_notifications
 from connector_core.service.subscriptions import (
     SUBSCRIPTION_QUEUE,
@@ -22,19 +19,11 @@ from tests.unit.presence_fakes import (
     PRESENCE_QUEUE,
     TENANT,
     VISIT_KEY,
+    container_fixture,  # noqa: F401 (the "container" fixture)
     guest,
     item,
-    make_container,
     roster_event,
 )
-
-
-@pytest.fixture
-def container() -> Iterator[Container]:
-    c = make_container()
-    set_container(c)
-    yield c
-    reset_container()
 
 
 class EarlyNotifyingGraph:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import azure.functions as func
 import pytest
 
-from connector_core.bootstrap import Container, reset_container, set_container
+from connector_core.bootstrap import Container
 from connector_core.domain.models import ParticipantRole, ParticipantStatus, ProviderLanding
 from connector_core.domain.presence import ParticipantRecord
 from connector_core.domain.waiting import PATIENT_ARRIVAL_KEY, patient_arrival, settle_arrival
@@ -24,22 +23,14 @@ from tests.unit.presence_fakes import (
     STAFF_OID,
     TENANT,
     VISIT_KEY,
+    container_fixture,  # noqa: F401 (the "container" fixture)
     deliver,
     guest,
-    make_container,
     roster_event,
     user,
 )
 
 T0 = datetime(2026, 5, 1, 10, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def container() -> Iterator[Container]:
-    c = make_container()
-    set_container(c)
-    yield c
-    reset_container()
 
 
 def _get(route: str, headers: dict[str, str], key: str = VISIT_KEY) -> func.HttpRequest:
