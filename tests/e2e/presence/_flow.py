@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import html
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from connector_core.domain.presence import WritebackStatus
 from connector_core.errors import ConcurrencyConflictError
 from devtools.sandbox import seed
 from devtools.sandbox.graph import Meeting, Subscription
+from tests.e2e.launch.helpers import pick_account
 from tests.stack import Browser, Stack
 
 T = TypeVar("T")
@@ -129,12 +128,7 @@ def launch_visit(stack: Stack, *, vendor: Any = None, appointment: str = APPOINT
     if "/oauth2/v2.0/authorize" in str(response.url):
         practitioner = seed.APPOINTMENTS[appointment].practitioner_id
         upn = stack.sandbox.entra.user_for_practitioner(practitioner).upn
-        match = re.search(
-            rf'<a class="account[^"]*" data-upn="{re.escape(upn)}"[^>]*href="([^"]+)"',
-            response.text,
-        )
-        assert match, f"no account link for the clinician: {response.text[:500]}"
-        response = browser.get(html.unescape(match.group(1)))
+        response = pick_account(browser, response, upn)
     assert response.status_code == 200, response.text[:500]
     meeting = stack.sandbox.graph.meeting_by_join_url(str(response.url))
     keyring = stack.container().keyring

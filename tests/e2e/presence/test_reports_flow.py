@@ -6,9 +6,7 @@ Graph's encrypted notifications through the webhook and the queue worker, then
 from __future__ import annotations
 
 import csv
-import html
 import io
-import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +17,7 @@ import pytest
 from connector_core.domain.reports import CSV_COLUMNS
 from devtools.sandbox import seed
 from devtools.sandbox.entra import ADMIN_ROLE, AUDITOR_ROLE
+from tests.e2e.launch.helpers import pick_account
 from tests.e2e.presence._flow import wait_for
 from tests.stack import Browser, Stack
 
@@ -37,12 +36,7 @@ def _launch(stack: Stack, browser: Browser, config_id: str, appointment: str, us
     if "/oauth2/v2.0/authorize" in str(response.url):
         practitioner = seed.APPOINTMENTS[appointment].practitioner_id
         upn = stack.sandbox.entra.user_for_practitioner(practitioner).upn
-        match = re.search(
-            rf'<a class="account[^"]*" data-upn="{re.escape(upn)}"[^>]*href="([^"]+)"',
-            response.text,
-        )
-        assert match, response.text[:500]
-        response = browser.get(html.unescape(match.group(1)))
+        response = pick_account(browser, response, upn)
     assert response.status_code == 200, response.text[:500]
     return response
 
